@@ -1,0 +1,398 @@
+"""CLCA model: a ViT written from scratch, the cross-layer cache (CLC), the cross-layer aggregation
+head (CLA), weight loading and cost counting.
+
+Paper: Rios et al., "Cross-Layer Cache Aggregation for Token Reduction in Ultra-Fine-Grained Image
+Recognition", ICASSP 2025 (arXiv 2501.00243). Parameter names follow timm, so a timm checkpoint
+loads as a plain key copy; the CLA head is called `ifa_head` as in the paper's code for the same
+reason. The token reduction methods live in reduce.py.
+"""
+import argparse
+import math
+import os
+import pickle
+import re
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from reduce import Tokens, build_reducers
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class ModelConfig:
+    # backbone (DESIGN Sec. 2); the defaults are ViT-B/16
+    img_size: int = 224            # input side in pixels, a multiple of patch_size
+    patch_size: int = 16           # side of a square patch; P = (img_size / patch_size)^2 tokens
+    embed_dim: int = 768           # D, the width of every token
+    depth: int = 12                # number of transformer blocks
+    num_heads: int = 12            # attention heads; D must divide evenly
+    mlp_ratio: float = 4.0         # MLP hidden width = mlp_ratio * D
+    qkv_bias: bool = True          # False for the IN21k-P (MIIL) weights
+    no_embed_class: bool = False   # DeiT-3: pos_embed covers the patches only, CLS gets none
+    init_values: float = 0.0       # LayerScale init (DeiT-3: 1e-6); 0 = no LayerScale
+    pre_norm: bool = False         # CLIP: LayerNorm after the embedding, patch conv without bias
+    norm_eps: float = 1e-6         # LayerNorm epsilon (CLIP: 1e-5)
+    num_classes: int = 1000        # classifier outputs
+    mean: tuple = IMAGENET_MEAN    # the backbone's pretraining statistics (data.py uses ImageNet's
+    std: tuple = IMAGENET_STD      # by default, as the paper's code does)
+    # token reduction (DESIGN Sec. 3, reduce.py)
+    method: str = 'none'           # one of reduce.METHODS
+    keep: tuple = (1.0,)           # keep rate, one for all locations or one per location
+    loc: tuple = (3, 6, 9)         # 0-indexed blocks that reduce (and where CLC recovers, CLA reads)
+    # CLCA Sec. 2.2: cross-layer cache
+    clc: bool = False              # cache carrier tokens and re-insert them after each reduction
+    num_clr: int = 1               # CLR carrier tokens appended to the input (paper: 1)
+    clc_gap: bool = True           # also cache the mean of the surviving tokens (paper: on)
+    clc_last: bool = True          # one more recovery at block depth - 2 (paper: on)
+    # CLCA Sec. 2.3: cross-layer aggregation head
+    cla: bool = False              # classify from the CLS of every location and the last block
+    cla_filters: int = 2           # depthwise filters per channel in the CLA head (paper: 2)
+
+    def __post_init__(self):
+        self.keep = tuple(float(k) for k in (self.keep if isinstance(self.keep, (tuple, list)) else [self.keep]))
+        self.loc = tuple(int(i) for i in self.loc)
+        if self.img_size % self.patch_size:
+            raise ValueError(f'img_size {self.img_size} is not a multiple of patch_size {self.patch_size}')
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f'embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}')
+        if list(self.loc) != sorted(set(self.loc)) or any(not 0 <= i < self.depth for i in self.loc):
+            raise ValueError(f'loc {self.loc} must be increasing block indices in 0..{self.depth - 1}')
+        if any(not 0.0 < k <= 1.0 for k in self.keep):
+            raise ValueError(f'keep {self.keep} must lie in (0, 1]')
+        if len(self.keep) not in (1, len(self.loc)):
+            raise ValueError(f'keep has {len(self.keep)} values: give one, or one per location in loc {self.loc}')
+        if self.clc and not (self.num_clr > 0 or self.clc_gap):
+            raise ValueError('the cross-layer cache needs something to carry: num_clr > 0 or clc_gap')
+        if self.clc and not (self.loc or self.clc_last):
+            raise ValueError('the cross-layer cache needs a recovery layer: a non-empty loc or clc_last')
+
+
+SIZES = {'tiny': (192, 12, 3), 'small': (384, 12, 6), 'base': (768, 12, 12), 'large': (1024, 24, 16)}
+
+
+def backbone_config(name: str, **overrides) -> ModelConfig:
+    """ModelConfig for a timm ViT name, e.g. 'deit3_base_patch16_224.fb_in1k' (the tag is optional)."""
+    arch, _, tag = name.partition('.')
+    m = re.fullmatch(r'(vit|deit|deit3)_(tiny|small|base|large)_patch(\d+)(_clip)?_\d+(_miil)?', arch)
+    if m is None:
+        raise ValueError(f'unknown backbone {name!r}: give a timm ViT name such as vit_base_patch16_224, '
+                         'deit3_base_patch16_224 or vit_base_patch16_clip_224 (a .tag may follow)')
+    family, size, patch, clip, miil = m.groups()
+    dim, depth, heads = SIZES[size]
+    cfg = dict(patch_size=int(patch), embed_dim=dim, depth=depth, num_heads=heads)
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if family == 'deit3':
+        cfg.update(no_embed_class=True, init_values=1e-6)
+    if clip:
+        cfg.update(pre_norm=True, norm_eps=1e-5)
+        mean, std = CLIP_MEAN, CLIP_STD
+    if miil:
+        cfg.update(qkv_bias=False)
+        mean, std = (0.0,) * 3, (1.0,) * 3
+    elif family == 'vit' and not clip and (not tag or 'in21k' in tag or 'augreg' in tag):
+        mean, std = (0.5,) * 3, (0.5,) * 3  # Google's ViT weights; MAE, DINO, MoCo v3 use ImageNet's
+    return ModelConfig(**{**cfg, 'mean': mean, 'std': std, **overrides})
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(3, cfg.embed_dim, cfg.patch_size, cfg.patch_size, bias=not cfg.pre_norm)
+
+    def forward(self, images):
+        return self.proj(images).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, P, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
+
+    def forward(self, x):
+        """Returns the attention output (B, N, D) and its inputs (q, k, v), each (B, H, N, D/H),
+        which a reducer inside the block reads its scores from."""
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)  # (B, N, 3, H, D/H)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                           # 3 x (B, H, N, D/H)
+        out = F.scaled_dot_product_attention(q, k, v)                            # fused kernel
+        return self.proj(out.transpose(1, 2).reshape(B, N, D)), (q, k, v)
+
+
+class Mlp(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = int(cfg.embed_dim * cfg.mlp_ratio)
+        self.fc1, self.act, self.fc2 = nn.Linear(cfg.embed_dim, hidden), nn.GELU(), nn.Linear(hidden, cfg.embed_dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; `reducer` (reduce.py) shortens the sequence at its location."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        ls = (lambda: LayerScale(cfg.embed_dim, cfg.init_values)) if cfg.init_values else nn.Identity
+        self.norm1, self.attn, self.ls1 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps), Attention(cfg), ls()
+        self.norm2, self.mlp, self.ls2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps), Mlp(cfg), ls()
+
+    def forward(self, t: Tokens, reducer=None) -> Tokens:
+        if reducer is not None and reducer.before_block:
+            t = reducer(t, None)
+        out, qkv = self.attn(self.norm1(t.x))
+        t = replace(t, x=t.x + self.ls1(out))
+        if reducer is not None and not reducer.before_block:
+            t = reducer(t, qkv)  # attention saw all N tokens, the MLP sees the survivors only
+        return replace(t, x=t.x + self.ls2(self.mlp(self.norm2(t.x))))
+
+
+class ViT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, P = cfg.embed_dim, (cfg.img_size // cfg.patch_size) ** 2
+        self.num_patches = P
+        self.num_clr = cfg.num_clr if cfg.clc else 0
+        clr_rows = 0 if cfg.no_embed_class else self.num_clr  # CLR gets position rows where CLS does
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, (0 if cfg.no_embed_class else 1) + P + clr_rows, D))
+        self.clr = nn.Parameter(torch.zeros(1, self.num_clr, D)) if self.num_clr else None
+        self.norm_pre = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.reducers = build_reducers(cfg.method, cfg.keep, len(cfg.loc))
+        self.stage = {i: s for s, i in enumerate(cfg.loc)} if len(self.reducers) else {}
+        # CLCA Sec. 2.2: recover after every reduction, and once more at depth - 2
+        self.recovery = sorted(set(cfg.loc) | ({cfg.depth - 2} if cfg.clc_last else set()))
+        # CLCA Sec. 2.3: the CLS after each location and after the last block, g = len(loc) + 1 vectors
+        self.cla_layers = sorted(set(cfg.loc) | {cfg.depth - 1})
+        if cfg.cla:
+            g, wide = len(self.cla_layers), cfg.cla_filters * D
+            self.ifa_head = nn.Sequential(nn.Sequential(
+                nn.BatchNorm1d(D),
+                nn.Conv1d(D, wide, kernel_size=g, stride=g, groups=D),  # each channel mixes its g layers
+                nn.BatchNorm1d(wide),
+                nn.GELU(),
+                nn.Conv1d(wide, cfg.num_classes, kernel_size=1),
+            ), nn.Flatten(1))
+        else:
+            self.norm, self.head = nn.LayerNorm(D, eps=cfg.norm_eps), nn.Linear(D, cfg.num_classes)
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self):
+        """timm's ViT init, used when training from scratch; CLR starts as a copy of CLS."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.init_clr()
+
+    @torch.no_grad()
+    def init_clr(self):
+        """CLCA Sec. 2.2: CLR carriers start as copies of the (pretrained) CLS token."""
+        if self.clr is not None:
+            self.clr.copy_(self.cls_token.expand_as(self.clr))
+
+    def embed(self, images) -> Tokens:
+        """[CLS, patches, CLR] plus position embeddings."""
+        x = self.patch_embed(images)                      # (B, P, D)
+        B = x.shape[0]
+        cls = self.cls_token.expand(B, -1, -1)            # (B, 1, D)
+        clr = [self.clr.expand(B, -1, -1)] if self.clr is not None else []
+        if self.cfg.no_embed_class:
+            x = torch.cat([cls, x + self.pos_embed, *clr], 1)
+        else:
+            x = torch.cat([cls, x, *clr], 1) + self.pos_embed
+        idx = torch.arange(x.shape[1], device=x.device)
+        idx[1 + self.num_patches:] = -1  # CLR tokens are made tokens
+        return Tokens(x=self.norm_pre(x), idx=idx.expand(B, -1))
+
+    def carriers(self, x, n):
+        """CLCA Sec. 2.2: one cache entry, [GAP of positions 1..n-1, the last num_clr tokens]."""
+        parts = [x[:, 1:n].mean(1, keepdim=True)] if self.cfg.clc_gap else []  # (B, 1, D)
+        if self.num_clr:
+            parts.append(x[:, -self.num_clr:])                                  # (B, num_clr, D)
+        return torch.cat(parts, 1)
+
+    def forward(self, images):
+        """images (B, 3, S, S) -> logits (B, num_classes)."""
+        t = self.embed(images)
+        cache, cls_feats = [], []
+        n = 1 + self.num_patches  # GAP covers positions 1..n-1: the patches until the first recovery
+        for i, blk in enumerate(self.blocks):
+            t = blk(t, self.reducers[self.stage[i]] if i in self.stage else None)
+            if self.cfg.clc:
+                if i in self.recovery:
+                    # Recover: append every carrier cached since the last recovery, oldest first. The
+                    # last token is now a recovered carrier that block i never saw; the reference
+                    # caches that stale copy next, and so do we (the paper's figure shows it).
+                    n = t.x.shape[1]
+                    if cache:
+                        t, cache = t.append(torch.cat(cache, 1)), []
+                if i < self.recovery[-1]:
+                    cache.append(self.carriers(t.x, n))
+            if self.cfg.cla and i in self.cla_layers:
+                cls_feats.append(t.x[:, 0])  # the raw residual stream, no LayerNorm
+        if self.cfg.cla:
+            return self.ifa_head(torch.stack(cls_feats, -1))  # (B, D, g) -> (B, num_classes)
+        return self.head(self.norm(t.x[:, 0]))
+
+
+def create_model(backbone: str, num_classes: int, img_size: int = 224, method: str = 'none', keep=1.0,
+                 loc=(3, 6, 9), clc: bool = False, cla: bool = False, num_clr: int = 1, pretrained=None,
+                 **overrides) -> ViT:
+    """Build a ViT (timm name) with optional token reduction, CLC and CLA; `pretrained` is anything
+    `load_weights` takes. Further ModelConfig fields (clc_gap, clc_last, ...) go in `overrides`."""
+    cfg = backbone_config(backbone, num_classes=num_classes, img_size=img_size, method=method, keep=keep,
+                          loc=tuple(loc), clc=clc, cla=cla, num_clr=num_clr, **overrides)
+    model = ViT(cfg)
+    if pretrained is not None:
+        load_weights(model, pretrained)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight loading (DESIGN Sec. 2 and 6)
+
+def read_checkpoint(source) -> dict:
+    """A flat {name: tensor} from a path, an http(s) URL (cached by torch.hub) or a loaded dict.
+
+    Understands timm files, the official DeiT/MAE/DINO/MoCo v3 containers ('model', 'state_dict',
+    'module.' and 'base_encoder.' prefixes), the paper's training checkpoints and this project's.
+    Unpickles plain containers, tensors and argparse.Namespace (the paper's 'args') only.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = str(source)
+        if path.startswith(('http://', 'https://')):
+            dst = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(path.split('?')[0]))
+            if not os.path.exists(dst):
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                torch.hub.download_url_to_file(path, dst)
+            path = dst
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'checkpoint not found: {path}')
+        if path.endswith('.safetensors'):
+            try:
+                from safetensors.torch import load_file
+            except ImportError:
+                raise ImportError(f'{path} is a .safetensors file: pip install safetensors to read it') from None
+            source = load_file(path)
+        else:
+            try:
+                with torch.serialization.safe_globals([argparse.Namespace]):
+                    source = torch.load(path, map_location='cpu', weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise ValueError(f'{path}: refusing to unpickle it ({str(e).splitlines()[0]})') from None
+    sd = source
+    for key in ('model', 'state_dict', 'module'):
+        if isinstance(sd.get(key), dict):
+            sd = sd[key]
+    sd = {k.removeprefix('module.'): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if any(k.startswith('base_encoder.') for k in sd):  # MoCo v3: keep the online encoder only
+        sd = {k.removeprefix('base_encoder.'): v for k, v in sd.items() if k.startswith('base_encoder.')}
+    return sd
+
+
+def resample_grid(pos: torch.Tensor, side: int) -> torch.Tensor:
+    """Bicubic (antialiased) resampling of grid position embeddings (1, g*g, D) -> (1, side*side, D)."""
+    g, D = math.isqrt(pos.shape[1]), pos.shape[2]
+    if g == side:
+        return pos
+    grid = pos.float().reshape(1, g, g, D).permute(0, 3, 1, 2)                  # (1, D, g, g)
+    grid = F.interpolate(grid, size=(side, side), mode='bicubic', antialias=True, align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, side * side, D).to(pos.dtype)     # (1, side*side, D)
+
+
+def load_weights(model: ViT, source, verbose: bool = True):
+    """Load a checkpoint into `model`: resample pos_embed to the model's grid, drop a classifier
+    head that does not fit, refuse any other shape mismatch, then start CLR from the loaded CLS
+    when the checkpoint has none. Returns torch's (missing_keys, unexpected_keys)."""
+    sd = read_checkpoint(source)
+    own = model.state_dict()
+    notes = []
+    if 'pos_embed' in sd:
+        pos, prefix = sd['pos_embed'], 0 if model.cfg.no_embed_class else 1
+        extra = sd['clr'].shape[1] if 'clr' in sd and prefix else 0  # the paper's code appends CLR rows
+        cells = pos.shape[1] - prefix - extra
+        if math.isqrt(cells) ** 2 != cells:
+            raise ValueError(f'checkpoint pos_embed has {pos.shape[1]} rows, which is no square grid with '
+                             f'{prefix} CLS row(s): is the backbone right (DeiT-3 has no CLS position row)?')
+        mine = own['pos_embed'][:, prefix + model.num_patches:]  # this model's CLR rows
+        clr_rows = pos[:, prefix + cells:] if extra == mine.shape[1] else mine
+        side = math.isqrt(model.num_patches)
+        sd['pos_embed'] = torch.cat([pos[:, :prefix], resample_grid(pos[:, prefix:prefix + cells], side),
+                                     clr_rows.to(pos.dtype)], 1)
+        if cells != model.num_patches:
+            notes.append(f'resampled pos_embed grid {math.isqrt(cells)}x{math.isqrt(cells)} -> {side}x{side}')
+    for k in [k for k in sd if k.startswith('head.')]:
+        if k not in own or own[k].shape != sd[k].shape:
+            notes.append(f'dropped {k} {tuple(sd.pop(k).shape)} (this model has its own classifier)')
+    bad = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if bad:
+        raise ValueError(f'checkpoint does not fit this model ({len(bad)} shape mismatches, checkpoint vs model): '
+                         + '; '.join(bad[:3]) + ': check backbone, patch size, num_clr and num_classes')
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if 'clr' in missing and 'cls_token' in sd:
+        model.init_clr()
+        missing.remove('clr')
+        notes.append('initialised CLR from the loaded CLS token')
+    if verbose:
+        name = source if isinstance(source, (str, os.PathLike)) else 'state dict'
+        print(f'loaded {len(sd) - len(unexpected)} tensors from {name}')
+        for what, keys in (('missing (kept as initialised)', missing), ('unexpected (ignored)', unexpected)):
+            if keys:
+                notes.append(f'{what}: {_summarise(keys)}')
+        for line in notes:
+            print('  ' + line)
+    return missing, unexpected
+
+
+def _summarise(keys) -> str:
+    """'blocks.0.norm1.weight, ifa_head.0.1.bias, ...' -> 'blocks.* (1), ifa_head.* (1)'."""
+    groups = {}
+    for k in keys:
+        groups.setdefault(k.split('.')[0], []).append(k)
+    return ', '.join(g[0] if len(g) == 1 else f'{top}.* ({len(g)})' for top, g in groups.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost (DESIGN Sec. 9)
+
+@torch.no_grad()
+def gmacs(model: ViT) -> float:
+    """Multiply-accumulates (billions) of a one-image forward, which the paper calls FLOPs.
+
+    torch's flop counter sees matmuls and convolutions, attention included when SDPA runs as its
+    math decomposition. Works on a model built on the meta device (no memory, no compute).
+    """
+    p = next(model.parameters())
+    images = torch.randn(1, 3, model.cfg.img_size, model.cfg.img_size, device=p.device, dtype=p.dtype)
+    was_training = model.training
+    model.eval()
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(images)
+    model.train(was_training)
+    return counter.get_total_flops() / 2e9
