@@ -277,6 +277,17 @@ def create_model(backbone: str, num_classes: int, img_size: int = 224, method: s
 # ---------------------------------------------------------------------------------------------
 # Weight loading (DESIGN Sec. 2 and 6)
 
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unsafe to unpickle, or does not fit the model."""
+
+
+def pretrained_url(backbone: str) -> str:
+    """Where timm publishes the weights of a tagged backbone name, e.g. 'deit_base_patch16_224.fb_in1k'."""
+    if '.' not in backbone:
+        raise CheckpointError(f'{backbone} has no pretrained tag: name one (e.g. {backbone}.augreg_in21k), '
+                              'pass a file with --pretrained, or train from scratch with --pretrained none')
+    return f'https://huggingface.co/timm/{backbone}/resolve/main/pytorch_model.bin'
+
 def read_checkpoint(source) -> dict:
     """A flat {name: tensor} from a path, an http(s) URL (cached by torch.hub) or a loaded dict.
 
@@ -287,13 +298,18 @@ def read_checkpoint(source) -> dict:
     if isinstance(source, (str, os.PathLike)):
         path = str(source)
         if path.startswith(('http://', 'https://')):
-            dst = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(path.split('?')[0]))
+            name = re.sub(r'[^\w.-]+', '_', path.split('://', 1)[1].split('?')[0])  # unique per URL
+            dst = os.path.join(torch.hub.get_dir(), 'checkpoints', name)
             if not os.path.exists(dst):
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
-                torch.hub.download_url_to_file(path, dst)
+                try:
+                    torch.hub.download_url_to_file(path, dst)
+                except OSError as e:  # URLError and HTTPError are OSErrors
+                    raise CheckpointError(f'could not download {path} ({e}): download it where there is a network '
+                                          'and pass the file (--pretrained PATH), or use --pretrained none') from None
             path = dst
         if not os.path.isfile(path):
-            raise FileNotFoundError(f'checkpoint not found: {path}')
+            raise CheckpointError(f'checkpoint not found: {path}')
         if path.endswith('.safetensors'):
             try:
                 from safetensors.torch import load_file
@@ -305,7 +321,7 @@ def read_checkpoint(source) -> dict:
                 with torch.serialization.safe_globals([argparse.Namespace]):
                     source = torch.load(path, map_location='cpu', weights_only=True)
             except pickle.UnpicklingError as e:
-                raise ValueError(f'{path}: refusing to unpickle it ({str(e).splitlines()[0]})') from None
+                raise CheckpointError(f'{path}: refusing to unpickle it ({str(e).splitlines()[0]})') from None
     sd = source
     for key in ('model', 'state_dict', 'module'):
         if isinstance(sd.get(key), dict):
@@ -338,13 +354,13 @@ def load_weights(model: ViT, source, verbose: bool = True):
         extra = sd['clr'].shape[1] if 'clr' in sd and prefix else 0  # the paper's code appends CLR rows
         cells = pos.shape[1] - prefix - extra
         if math.isqrt(cells) ** 2 != cells:
-            raise ValueError(f'checkpoint pos_embed has {pos.shape[1]} rows, which is no square grid with '
+            raise CheckpointError(f'checkpoint pos_embed has {pos.shape[1]} rows, which is no square grid with '
                              f'{prefix} CLS row(s): is the backbone right (DeiT-3 has no CLS position row)?')
         mine = own['pos_embed'][:, prefix + model.num_patches:]  # this model's CLR rows
-        clr_rows = pos[:, prefix + cells:] if extra == mine.shape[1] else mine
+        clr_rows = pos[:, prefix + cells:] if extra == mine.shape[1] else mine.to(pos)
         side = math.isqrt(model.num_patches)
         sd['pos_embed'] = torch.cat([pos[:, :prefix], resample_grid(pos[:, prefix:prefix + cells], side),
-                                     clr_rows.to(pos.dtype)], 1)
+                                     clr_rows], 1)
         if cells != model.num_patches:
             notes.append(f'resampled pos_embed grid {math.isqrt(cells)}x{math.isqrt(cells)} -> {side}x{side}')
     for k in [k for k in sd if k.startswith('head.')]:
@@ -352,7 +368,7 @@ def load_weights(model: ViT, source, verbose: bool = True):
             notes.append(f'dropped {k} {tuple(sd.pop(k).shape)} (this model has its own classifier)')
     bad = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in sd.items() if k in own and v.shape != own[k].shape]
     if bad:
-        raise ValueError(f'checkpoint does not fit this model ({len(bad)} shape mismatches, checkpoint vs model): '
+        raise CheckpointError(f'checkpoint does not fit this model ({len(bad)} shape mismatches, checkpoint vs model): '
                          + '; '.join(bad[:3]) + ': check backbone, patch size, num_clr and num_classes')
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if 'clr' in missing and 'cls_token' in sd:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny, trace
-from model import ModelConfig, create_model, gmacs, load_weights, read_checkpoint
+from model import CheckpointError, ModelConfig, create_model, gmacs, load_weights, pretrained_url, read_checkpoint
 
 IMAGES = lambda n=2: torch.randn(n, 3, 32, 32)
 
@@ -18,8 +18,8 @@ IMAGES = lambda n=2: torch.randn(n, 3, 32, 32)
 @pytest.mark.parametrize('clc,cla', [(False, False), (True, False), (False, True), (True, True)])
 def test_every_switch_combination_gives_logits(backbone, method, clc, cla):
     model = tiny(backbone=backbone, method=method, keep=0.3, clc=clc, cla=cla)
-    for mode in (model.train(), model.eval()):
-        logits = mode(IMAGES())
+    for training in (True, False):
+        logits = model.train(training)(IMAGES())
         assert logits.shape == (2, 5) and torch.isfinite(logits).all()
 
 
@@ -35,6 +35,34 @@ def test_backbone_presets():
     assert create_model('vit_base_patch16_224_miil.in21k', 3).blocks[0].attn.qkv.bias is None
     assert create_model('vit_base_patch16_224.orig_in21k', 3).cfg.mean == (0.5,) * 3
     assert create_model('vit_base_patch16_224.mae', 3).cfg.mean == (0.485, 0.456, 0.406)
+
+
+def timm_keys(prefix_row=True, layerscale=False, pre_norm=False):
+    """The parameter names and shapes of timm's ViT-B/16 (written out by hand from timm's files)."""
+    D = 768
+    keys = {'cls_token': (1, 1, D), 'pos_embed': (1, 196 + prefix_row, D), 'patch_embed.proj.weight': (D, 3, 16, 16),
+            'norm.weight': (D,), 'norm.bias': (D,), 'head.weight': (1000, D), 'head.bias': (1000,)}
+    if not pre_norm:
+        keys['patch_embed.proj.bias'] = (D,)
+    else:
+        keys |= {'norm_pre.weight': (D,), 'norm_pre.bias': (D,)}
+    for i in range(12):
+        b = f'blocks.{i}.'
+        keys |= {b + 'norm1.weight': (D,), b + 'norm1.bias': (D,), b + 'attn.qkv.weight': (3 * D, D),
+                 b + 'attn.qkv.bias': (3 * D,), b + 'attn.proj.weight': (D, D), b + 'attn.proj.bias': (D,),
+                 b + 'norm2.weight': (D,), b + 'norm2.bias': (D,), b + 'mlp.fc1.weight': (4 * D, D),
+                 b + 'mlp.fc1.bias': (4 * D,), b + 'mlp.fc2.weight': (D, 4 * D), b + 'mlp.fc2.bias': (D,)}
+        if layerscale:
+            keys |= {b + 'ls1.gamma': (D,), b + 'ls2.gamma': (D,)}
+    return keys
+
+
+@pytest.mark.parametrize('backbone,kw', [('vit_base_patch16_224', {}), ('deit3_base_patch16_224', dict(prefix_row=False, layerscale=True)),
+                                         ('vit_base_patch16_clip_224', dict(pre_norm=True))])
+def test_parameter_names_and_shapes_are_timms(backbone, kw):
+    with torch.device('meta'):
+        model = create_model(backbone, 1000)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == timm_keys(**kw)
 
 
 @pytest.mark.parametrize('kwargs,match', [
@@ -147,7 +175,7 @@ def test_bad_checkpoints_are_refused_with_a_clear_message(tmp_path, monkeypatch)
             'blocks.0.attn.qkv.weight': torch.zeros(12, 48)})
     with pytest.raises(ValueError, match='no square grid'):  # a DeiT-3 file into a class-embedded ViT
         load_weights(model, timm_state_dict('deit3_small_patch16_224', 224))
-    with pytest.raises(FileNotFoundError, match='checkpoint not found'):
+    with pytest.raises(CheckpointError, match='checkpoint not found'):
         load_weights(model, tmp_path / 'nope.pth')
     torch.save({'model': {}, 'cfg': argparse.ArgumentParser}, tmp_path / 'evil.pth')
     with pytest.raises(ValueError, match='refusing to unpickle'):
@@ -164,7 +192,12 @@ def official_forward(sd, images, keep, loc, num_clr, depth, heads, eps=1e-6):
     w = lambda name: sd[name]
     x = F.conv2d(images, w('patch_embed.proj.weight'), w('patch_embed.proj.bias'), stride=4).flatten(2).transpose(1, 2)
     B, D = x.shape[0], x.shape[2]
-    x = torch.cat([w('cls_token').expand(B, -1, -1), x, w('clr').expand(B, -1, -1)], 1) + w('pos_embed')
+    cls, clr = w('cls_token').expand(B, -1, -1), w('clr').expand(B, -1, -1)
+    if sd['pos_embed'].shape[1] == x.shape[1]:  # DeiT-3: no position row for CLS (nor CLR)
+        x = torch.cat([cls, x + w('pos_embed'), clr], 1)
+    else:
+        x = torch.cat([cls, x, clr], 1) + w('pos_embed')
+    ls = lambda name, t: t * sd[name] if name in sd else t
     cache, cls_list, curr = [], [], x.shape[1] - num_clr
     recovery = list(loc) + [depth - 2]
     for i in range(depth):
@@ -173,7 +206,7 @@ def official_forward(sd, images, keep, loc, num_clr, depth, heads, eps=1e-6):
         h = F.layer_norm(x, (D,), w(p + 'norm1.weight'), w(p + 'norm1.bias'), eps)
         q, k, v = F.linear(h, w(p + 'attn.qkv.weight'), w(p + 'attn.qkv.bias')).reshape(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4)
         attn = ((q * (D // heads) ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
-        x = x + F.linear((attn @ v).transpose(1, 2).reshape(B, N, D), w(p + 'attn.proj.weight'), w(p + 'attn.proj.bias'))
+        x = x + ls(p + 'ls1.gamma', F.linear((attn @ v).transpose(1, 2).reshape(B, N, D), w(p + 'attn.proj.weight'), w(p + 'attn.proj.bias')))
         if i in loc and math.ceil(keep * (N - 1)) != N - 1:
             left = math.ceil(keep * (N - 1))
             cls_attn = attn[:, :, 0, 1:].mean(1)
@@ -185,8 +218,8 @@ def official_forward(sd, images, keep, loc, num_clr, depth, heads, eps=1e-6):
             weights = torch.stack([cls_attn[b, compl[b]] for b in range(B)])
             x = torch.cat([x[:, :1], others, (dropped * weights.unsqueeze(-1)).sum(1, keepdim=True)], 1)
         h = F.layer_norm(x, (D,), w(p + 'norm2.weight'), w(p + 'norm2.bias'), eps)
-        x = x + F.linear(F.gelu(F.linear(h, w(p + 'mlp.fc1.weight'), w(p + 'mlp.fc1.bias'))),
-                         w(p + 'mlp.fc2.weight'), w(p + 'mlp.fc2.bias'))
+        x = x + ls(p + 'ls2.gamma', F.linear(F.gelu(F.linear(h, w(p + 'mlp.fc1.weight'), w(p + 'mlp.fc1.bias'))),
+                                            w(p + 'mlp.fc2.weight'), w(p + 'mlp.fc2.bias')))
         if i in recovery:
             curr = x.shape[1]
             x, cache = torch.cat([x] + cache, 1), []
@@ -202,15 +235,17 @@ def official_forward(sd, images, keep, loc, num_clr, depth, heads, eps=1e-6):
     return F.conv1d(h, w('ifa_head.0.4.weight'), w('ifa_head.0.4.bias')).flatten(1)
 
 
-def test_an_official_checkpoint_loads_and_gives_the_official_outputs(tmp_path):
-    trained = tiny(method='evit', keep=0.3, clc=True, cla=True)
+@pytest.mark.parametrize('backbone', ['vit_tiny_patch16_224', 'deit3_small_patch16_224'])
+def test_an_official_checkpoint_loads_and_gives_the_official_outputs(tmp_path, backbone):
+    trained = tiny(backbone=backbone, method='evit', keep=0.3, clc=True, cla=True)
     sd = {k: torch.randn_like(v) * 0.3 if v.is_floating_point() else v for k, v in trained.state_dict().items()}
+    sd = sd | {k: v + 1 for k, v in sd.items() if k.endswith('.gamma')}  # LayerScale gains far from 0
     sd = sd | {k: v.abs() + 0.5 for k, v in sd.items() if k.endswith('running_var')}
     official = {'model': sd | {'head.weight': torch.randn(1000, 48), 'head.bias': torch.zeros(1000)},
                 'optimizer': {'state': {}, 'param_groups': []}, 'lr_scheduler': {'last_epoch': 49}, 'epoch': 49,
                 'scaler': {'scale': 65536.0}, 'args': argparse.Namespace(model='vit_tiny', keep_rate=[0.3], clc=True)}
     torch.save(official, tmp_path / 'official.pth')
-    model = tiny(method='evit', keep=0.3, clc=True, cla=True).eval()
+    model = tiny(backbone=backbone, method='evit', keep=0.3, clc=True, cla=True).eval()
     missing, unexpected = load_weights(model, tmp_path / 'official.pth', verbose=False)
     assert missing == [] and unexpected == []  # the unused 1000-way head is dropped
     images = IMAGES(3)
@@ -236,3 +271,10 @@ def test_gmacs_reproduce_the_paper_table(size, keep, base, clca):
 
 def test_config_keeps_a_single_rate_as_a_tuple():
     assert ModelConfig(keep=0.5).keep == (0.5,) and ModelConfig(keep=[0.5, 0.4, 0.3]).keep == (0.5, 0.4, 0.3)
+
+
+def test_pretrained_tags_point_at_timm_files():
+    assert pretrained_url('deit_base_patch16_224.fb_in1k') == \
+        'https://huggingface.co/timm/deit_base_patch16_224.fb_in1k/resolve/main/pytorch_model.bin'
+    with pytest.raises(CheckpointError, match='no pretrained tag'):
+        pretrained_url('deit_base_patch16_224')

@@ -48,10 +48,10 @@ def test_evit_leaves_the_sequence_alone_when_the_count_rounds_up_to_everything()
     assert evit(t, torch.rand(1, 5), 0.9) is t  # ceil(0.9 * 4) = 4: nothing to drop
 
 
-def expected_lengths(num_tokens, keeps, fuse, loc, depth, clc=False, num_clr=0):
+def expected_lengths(num_tokens, keeps, fuse, loc, depth, clc=False, num_clr=0, gap=True, last=True):
     """Sequence length after each block, from the keep rule of DESIGN Sec. 3 and the recovery of Sec. 4."""
     n, out, pending = num_tokens, [], 0
-    recovery = sorted(set(loc) | {depth - 2}) if clc else []
+    recovery = sorted(set(loc) | ({depth - 2} if last else set())) if clc else []
     for i in range(depth):
         if i in loc:
             k = math.ceil(keeps[loc.index(i)] * (n - 1))
@@ -60,7 +60,7 @@ def expected_lengths(num_tokens, keeps, fuse, loc, depth, clc=False, num_clr=0):
         if i in recovery:
             n, pending = n + pending, 0
         if clc and i < recovery[-1]:
-            pending += 1 + num_clr
+            pending += gap + num_clr
         out.append(n)
     return out
 
@@ -69,13 +69,16 @@ def expected_lengths(num_tokens, keeps, fuse, loc, depth, clc=False, num_clr=0):
     ('evit', (0.1,), (3, 6, 9)), ('evit', (0.5,), (3, 6, 9)), ('topk', (0.7,), (3, 6, 9)),
     ('evit', (0.5, 0.9, 0.3), (2, 5, 8)), ('topk', (0.25,), (0, 11)),
 ])
-@pytest.mark.parametrize('clc', [False, True])
+@pytest.mark.parametrize('clc', [dict(clc=False), dict(clc=True), dict(clc=True, num_clr=2, clc_gap=False),
+                                 dict(clc=True, num_clr=0, clc_last=False)])
 def test_token_counts_follow_the_keep_rule_and_cls_survives(method, keep, loc, clc):
-    model = tiny(method=method, keep=keep, loc=loc, clc=clc, cla=clc).eval()
+    model = tiny(method=method, keep=keep, loc=loc, cla=clc['clc'], **clc).eval()
     with torch.no_grad():
         _, seen = trace(model, torch.randn(2, 3, 32, 32))
     keeps = keep * len(loc) if len(keep) == 1 else keep
-    want = expected_lengths(1 + 64 + clc, keeps, method == 'evit', loc, 12, clc, num_clr=1)
+    on, num_clr = clc['clc'], clc.get('num_clr', 1) * clc['clc']
+    want = expected_lengths(1 + 64 + num_clr, keeps, method == 'evit', loc, 12, on, num_clr,
+                            clc.get('clc_gap', True), clc.get('clc_last', True))
     # the length a block hands to the next one, CLC recovery included
     assert [seen[i + 1][0].x.shape[1] for i in range(11)] == want[:11]
     for _, out in seen:
@@ -92,11 +95,11 @@ def test_keep_one_or_no_locations_means_no_reduction():
     assert len(build_reducers('evit', (0.5,), 0)) == 0
     assert len(build_reducers('none', (0.5,), 3)) == 0
     assert len(build_reducers('topk', (0.5, 1.0), 2)) == 2
-    images = torch.randn(2, 3, 32, 32)
-    base = tiny(clc=True, cla=True).eval()
-    same = tiny(method='evit', keep=1.0, clc=True, cla=True).eval()
-    same.load_state_dict(base.state_dict())
+    t = Tokens(x=torch.randn(1, 9, 4), idx=torch.arange(9)[None])
+    assert evit(t, torch.rand(1, 9), 1.0) is t
+    model = tiny(method='evit', keep=(0.5, 1.0, 0.5)).eval()
     with torch.no_grad():
-        torch.testing.assert_close(same(images), base(images))
+        _, seen = trace(model, torch.randn(1, 3, 32, 32))
+    assert [seen[i][1].x.shape[1] for i in (3, 6, 9)] == [1 + 32 + 1, 1 + 32 + 1, 1 + 17 + 1]
     with pytest.raises(ValueError, match='unknown reduction method'):
         build_reducers('magic', (0.5,), 3)
