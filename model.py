@@ -288,41 +288,47 @@ def pretrained_url(backbone: str) -> str:
                               'pass a file with --pretrained, or train from scratch with --pretrained none')
     return f'https://huggingface.co/timm/{backbone}/resolve/main/pytorch_model.bin'
 
+
+def open_checkpoint(source):
+    """The object stored at a path or an http(s) URL (downloaded once into torch.hub's cache), or
+    `source` itself if it is already loaded. Unpickles plain containers, tensors and
+    argparse.Namespace (the paper's saved 'args') only."""
+    if not isinstance(source, (str, os.PathLike)):
+        return source
+    path = str(source)
+    if path.startswith(('http://', 'https://')):
+        name = re.sub(r'[^\w.-]+', '_', path.split('://', 1)[1].split('?')[0])  # unique per URL
+        dst = os.path.join(torch.hub.get_dir(), 'checkpoints', name)
+        if not os.path.exists(dst):
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            try:
+                torch.hub.download_url_to_file(path, dst)
+            except OSError as e:  # URLError and HTTPError are OSErrors
+                raise CheckpointError(f'could not download {path} ({e}): download it where there is a network '
+                                      'and pass the file (--pretrained PATH), or use --pretrained none') from None
+        path = dst
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint not found: {path}')
+    if path.endswith('.safetensors'):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError(f'{path} is a .safetensors file: pip install safetensors to read it') from None
+        return load_file(path)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f'{path}: refusing to unpickle it ({str(e).splitlines()[0]})') from None
+
+
 def read_checkpoint(source) -> dict:
-    """A flat {name: tensor} from a path, an http(s) URL (cached by torch.hub) or a loaded dict.
+    """A flat {name: tensor} from anything `open_checkpoint` takes.
 
     Understands timm files, the official DeiT/MAE/DINO/MoCo v3 containers ('model', 'state_dict',
     'module.' and 'base_encoder.' prefixes), the paper's training checkpoints and this project's.
-    Unpickles plain containers, tensors and argparse.Namespace (the paper's 'args') only.
     """
-    if isinstance(source, (str, os.PathLike)):
-        path = str(source)
-        if path.startswith(('http://', 'https://')):
-            name = re.sub(r'[^\w.-]+', '_', path.split('://', 1)[1].split('?')[0])  # unique per URL
-            dst = os.path.join(torch.hub.get_dir(), 'checkpoints', name)
-            if not os.path.exists(dst):
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                try:
-                    torch.hub.download_url_to_file(path, dst)
-                except OSError as e:  # URLError and HTTPError are OSErrors
-                    raise CheckpointError(f'could not download {path} ({e}): download it where there is a network '
-                                          'and pass the file (--pretrained PATH), or use --pretrained none') from None
-            path = dst
-        if not os.path.isfile(path):
-            raise CheckpointError(f'checkpoint not found: {path}')
-        if path.endswith('.safetensors'):
-            try:
-                from safetensors.torch import load_file
-            except ImportError:
-                raise ImportError(f'{path} is a .safetensors file: pip install safetensors to read it') from None
-            source = load_file(path)
-        else:
-            try:
-                with torch.serialization.safe_globals([argparse.Namespace]):
-                    source = torch.load(path, map_location='cpu', weights_only=True)
-            except pickle.UnpicklingError as e:
-                raise CheckpointError(f'{path}: refusing to unpickle it ({str(e).splitlines()[0]})') from None
-    sd = source
+    sd = open_checkpoint(source)
     for key in ('model', 'state_dict', 'module'):
         if isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -355,7 +361,7 @@ def load_weights(model: ViT, source, verbose: bool = True):
         cells = pos.shape[1] - prefix - extra
         if math.isqrt(cells) ** 2 != cells:
             raise CheckpointError(f'checkpoint pos_embed has {pos.shape[1]} rows, which is no square grid with '
-                             f'{prefix} CLS row(s): is the backbone right (DeiT-3 has no CLS position row)?')
+                                  f'{prefix} CLS row(s): is the backbone right (DeiT-3 has no CLS position row)?')
         mine = own['pos_embed'][:, prefix + model.num_patches:]  # this model's CLR rows
         clr_rows = pos[:, prefix + cells:] if extra == mine.shape[1] else mine.to(pos)
         side = math.isqrt(model.num_patches)
@@ -368,30 +374,22 @@ def load_weights(model: ViT, source, verbose: bool = True):
             notes.append(f'dropped {k} {tuple(sd.pop(k).shape)} (this model has its own classifier)')
     bad = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in sd.items() if k in own and v.shape != own[k].shape]
     if bad:
-        raise CheckpointError(f'checkpoint does not fit this model ({len(bad)} shape mismatches, checkpoint vs model): '
-                         + '; '.join(bad[:3]) + ': check backbone, patch size, num_clr and num_classes')
+        raise CheckpointError(f'checkpoint does not fit this model ({len(bad)} shape mismatches, checkpoint vs '
+                              f'model): {"; ".join(bad[:3])}: check backbone, patch size, num_clr and num_classes')
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if 'clr' in missing and 'cls_token' in sd:
         model.init_clr()
         missing.remove('clr')
         notes.append('initialised CLR from the loaded CLS token')
     if verbose:
-        name = source if isinstance(source, (str, os.PathLike)) else 'state dict'
-        print(f'loaded {len(sd) - len(unexpected)} tensors from {name}')
         for what, keys in (('missing (kept as initialised)', missing), ('unexpected (ignored)', unexpected)):
-            if keys:
-                notes.append(f'{what}: {_summarise(keys)}')
-        for line in notes:
-            print('  ' + line)
+            groups = {}  # 'ifa_head.0.1.bias', 'ifa_head.0.4.weight' -> 'ifa_head.* (2)'
+            for k in keys:
+                groups.setdefault(k.split('.')[0], []).append(k)
+            notes += [f"{what}: {', '.join(g[0] if len(g) == 1 else f'{t}.* ({len(g)})' for t, g in groups.items())}"] * bool(keys)
+        name = source if isinstance(source, (str, os.PathLike)) else 'a state dict'
+        print(f'loaded {len(sd) - len(unexpected)} tensors from {name}' + ''.join('\n  ' + n for n in notes))
     return missing, unexpected
-
-
-def _summarise(keys) -> str:
-    """'blocks.0.norm1.weight, ifa_head.0.1.bias, ...' -> 'blocks.* (1), ifa_head.* (1)'."""
-    groups = {}
-    for k in keys:
-        groups.setdefault(k.split('.')[0], []).append(k)
-    return ', '.join(g[0] if len(g) == 1 else f'{top}.* ({len(g)})' for top, g in groups.items())
 
 
 # ---------------------------------------------------------------------------------------------

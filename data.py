@@ -1,0 +1,192 @@
+"""Datasets and transforms (DESIGN.md Sec. 7 and 8).
+
+- The five ultra-fine-grained leaf datasets of the UFG benchmark (Yu et al., ICCV 2021) from disk, in
+  any of three layouts, detected automatically; `folder` reads any directory in one of them.
+- `leaves`: an embedded, procedurally generated dataset of leaf "cultivars" that differ only in a
+  few small coloured spots, so that it needs no download and still shows what the paper is about:
+  the class lives in a handful of patches, and a reduction that drops them loses it.
+"""
+import csv
+import math
+import zlib
+from pathlib import Path
+
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms.functional import to_pil_image
+
+# name: (classes, image folder of the official CSV layout), DESIGN Sec. 8
+UFG = {'cotton': (80, 'cotton_square_new'), 'soylocal': (200, 'soybean200_square'),
+       'soygene': (1110, 'images'), 'soyglobal': (1938, 'soybean2000'), 'soyageing': (198, '.')}
+DATASETS = ('leaves', 'folder') + tuple(UFG)
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
+
+
+class DatasetError(ValueError):
+    """Bad or missing data; the message says what is wrong and how to fix it."""
+
+
+def transforms(img_size: int, train: bool, mean, std):
+    """The paper's pipeline: square resize to S/0.875 (aspect ratio not kept, as in the reference),
+    then a random crop and flip for training or a centre crop for testing."""
+    big = int(img_size / 0.875)  # 448 -> 512
+    crop = [T.RandomCrop(img_size), T.RandomHorizontalFlip()] if train else [T.CenterCrop(img_size)]
+    return T.Compose([T.Resize((big, big), interpolation=T.InterpolationMode.BICUBIC), *crop,
+                      T.ToTensor(), T.Normalize(mean, std)])
+
+
+class ImageList(Dataset):
+    """(image path, 0-based label) pairs, read with PIL and converted to RGB."""
+
+    def __init__(self, samples, num_classes, transform):
+        self.samples, self.num_classes, self.transform = samples, num_classes, transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as img:
+                img = img.convert('RGB')
+        except (OSError, ValueError) as e:
+            raise DatasetError(f'cannot read image {path}: {e}') from None
+        return self.transform(img), label
+
+
+def find_samples(root: Path, split: str, image_dir: str = 'images'):
+    """Samples of `split` ('train' or 'test') under `root` and the number of classes seen, from the
+    first layout that is present: (a) the official code's CSVs, (b) the benchmark's anno/*.txt,
+    (c) one folder per class."""
+    csv_file = root / {'train': 'train_val.csv', 'test': 'test.csv'}[split]
+    if csv_file.is_file():  # (a) columns class_id (0-based), dir (relative to the image folder)
+        with open(csv_file, newline='') as f:
+            reader = csv.DictReader(f)
+            if not {'class_id', 'dir'} <= set(reader.fieldnames or ()):
+                raise DatasetError(f'{csv_file}: expected columns class_id,dir, found {",".join(reader.fieldnames or [])}')
+            rows = [(r['dir'], r['class_id']) for r in reader]
+        samples = [(root / image_dir / d, _label(c, csv_file)) for d, c in rows]
+    elif (root / 'anno' / f'{split}.txt').is_file():  # (b) lines "<image> <1-based label>"
+        txt = root / 'anno' / f'{split}.txt'
+        rows = [line.rsplit(maxsplit=1) for line in txt.read_text().splitlines() if line.strip()]
+        if any(len(r) != 2 for r in rows):
+            raise DatasetError(f'{txt}: every line must read "<image> <1-based label>"')
+        samples = [(root / 'images' / name, _label(c, txt) - 1) for name, c in rows]
+    elif (root / split).is_dir():  # (c) train/<class>/*.png, test/<class>/*.png; classes from train/
+        classes = sorted(d.name for d in (root / 'train').iterdir() if d.is_dir()) if (root / 'train').is_dir() else []
+        samples = []
+        for d in sorted(p for p in (root / split).iterdir() if p.is_dir()):
+            if d.name not in classes:
+                raise DatasetError(f'{d}: class folder {d.name!r} is not among the train/ classes')
+            samples += [(f, classes.index(d.name)) for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
+        return samples, len(classes)
+    else:
+        raise DatasetError(
+            f'no {split} split found in {root}: looked for train_val.csv/test.csv (the official CLCA code), '
+            f'anno/{split}.txt with images/ (the UFG benchmark release) or {split}/<class>/ folders. '
+            'Get the UFG benchmark (Yu et al., ICCV 2021) and lay it out one of these ways (README: Data).')
+    return samples, 1 + max((label for _, label in samples), default=-1)
+
+
+def _label(text, where) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise DatasetError(f'{where}: label {text!r} is not an integer') from None
+
+
+def build_dataset(name: str, split: str, img_size: int, data_dir=None, mean=None, std=None):
+    """Returns (dataset, num_classes). `mean`/`std` default to ImageNet's (the reference's choice)."""
+    mean, std = mean or (0.485, 0.456, 0.406), std or (0.229, 0.224, 0.225)
+    tf = transforms(img_size, split == 'train', mean, std)
+    if name == 'leaves':
+        ds = Leaves(split, img_size, tf)
+        return ds, ds.num_classes
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    root = Path(data_dir or f'data/{name}')
+    if not root.is_dir():
+        raise DatasetError(f'dataset folder {root} does not exist: pass --data-dir, or put the {name} data there '
+                           '(get it from the UFG benchmark, Yu et al., ICCV 2021; README: Data)')
+    samples, seen = find_samples(root, split, UFG.get(name, (0, 'images'))[1])
+    num_classes = UFG[name][0] if name in UFG else seen
+    if not samples:
+        raise DatasetError(f'the {split} split in {root} has no images')
+    bad = [(p, c) for p, c in samples if not 0 <= c < num_classes]
+    if bad:
+        raise DatasetError(f'{bad[0][0]}: label {bad[0][1]} is outside 0..{num_classes - 1} ({name} has {num_classes} classes)')
+    return ImageList(samples, num_classes, tf), num_classes
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded dataset: synthetic leaf cultivars
+
+PALETTE = torch.tensor([[0.98, 0.86, 0.15], [0.85, 0.12, 0.10], [0.97, 0.97, 0.95],
+                        [0.55, 0.20, 0.70], [0.98, 0.50, 0.05]])  # spot colours: yellow, red, white, purple, orange
+
+
+class Leaves(Dataset):
+    """Procedural leaf "cultivars": one leaf shape for all classes, in a random pose, shade and
+    background; a class is a signature of 1-3 small spots (their colour, and whether they sit in the
+    stalk or the tip half), plus dark blight specks on every leaf as distractors. A spot is about 1/40 of the image wide, so the
+    class lives in a few patches. Deterministic: image i of a split depends only on (seed, split, i).
+    """
+
+    per_class = {'train': 400, 'test': 100}  # images per class and split
+
+    def __init__(self, split, img_size, transform, num_classes=10, seed=0):
+        per_class = self.per_class[split]
+        self.split, self.size, self.transform = split, int(img_size / 0.875), transform
+        self.num_classes, self.seed, self.n = num_classes, seed, num_classes * per_class
+        combos = [(c, r) for c in range(len(PALETTE)) for r in (0, 1)]
+        if num_classes > len(combos):
+            raise DatasetError(f'leaves has at most {len(combos)} classes')
+        order = torch.randperm(len(combos), generator=torch.Generator().manual_seed(seed))
+        self.signatures = [combos[j] for j in order[:num_classes].tolist()]
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        label = i % self.num_classes
+        img = render_leaf(self.signatures[label], self.size, f'{self.seed}/{self.split}/{i}')
+        return self.transform(to_pil_image(img)), label
+
+
+def render_leaf(signature, size, key: str):
+    """A (3, size, size) uint8 image of a leaf with 1-3 spots of the `signature` = (colour, half)."""
+    g = torch.Generator().manual_seed(zlib.crc32(key.encode()))  # CPU generators keep 32 bits of a seed
+    u = lambda lo, hi, n=(): lo + (hi - lo) * torch.rand(n, generator=g)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing='ij')
+    # pose: rotate the image grid into leaf coordinates a (along the midrib) and b (across it)
+    theta, cx, cy = u(-0.45, 0.45), u(-0.08, 0.08), u(-0.08, 0.08)
+    length, width = u(0.78, 0.9), u(0.28, 0.36)
+    a = (xx - cx) * torch.sin(theta) - (yy - cy) * torch.cos(theta)  # tip points up, tilted by theta
+    b = (xx - cx) * torch.cos(theta) + (yy - cy) * torch.sin(theta)
+    s = (a + length) / (2 * length)                                  # 0 at the stalk, 1 at the tip
+    half = width * torch.sin(math.pi * s.clamp(0, 1)).clamp(min=0) ** 0.8  # the leaf's half-width at s
+    edge = 2.0 / size                                                # ~1 pixel of antialiasing
+    leaf = ((half - b.abs()) / edge).clamp(0, 1) * ((s > 0) & (s < 1))
+    # background: a smooth random tint plus pixel noise
+    low = torch.nn.functional.interpolate(u(0.55, 0.85, (1, 3, 4, 4)), size=(size, size), mode='bilinear')[0]
+    # leaf: a shaded green with a darker midrib and veins, the same for every cultivar
+    green = torch.tensor([0.20, 0.55, 0.15]) + u(-0.06, 0.06, 3)
+    shade = 1 - 0.25 * (b / width).abs()
+    veins = ((s - 0.9 * b.abs()) * 9 % 1 < 0.07) | (b.abs() < 0.012)
+    color = green[:, None, None] * (shade * (1 - 0.3 * veins))
+    img = low * (1 - leaf) + color * leaf
+    # spots: the cultivar's (colour, count, half) plus 0-2 dark blight specks
+    colour, tip = signature
+    count, blight = int(u(1, 4)), int(u(0, 3))
+    for j in range(count + blight):
+        lo = (0.55 if tip else 0.15) if j < count else 0.1
+        sj = u(lo, lo + (0.3 if j < count else 0.8))
+        bj = u(-0.6, 0.6) * width * math.sin(math.pi * sj) ** 0.8
+        dist = ((s - sj) * 2 * length) ** 2 + (b - bj) ** 2
+        spot = ((0.035 - dist.sqrt()) / edge + 0.5).clamp(0, 1) * leaf
+        rgb = PALETTE[colour] if j < count else torch.tensor([0.25, 0.18, 0.08])
+        img = img * (1 - spot) + rgb[:, None, None] * spot
+    img = img + 0.03 * torch.randn(img.shape, generator=g)
+    return (img.clamp(0, 1) * 255).to(torch.uint8)

@@ -1,0 +1,101 @@
+import argparse
+import re
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import eval as evaluation
+from data import build_dataset
+from model import create_model, gmacs, load_weights
+
+
+
+pytestmark = pytest.mark.usefixtures('small_leaves')
+
+def official_checkpoint(path, backbone='vit_tiny_patch8_224', keep=0.25):
+    """A checkpoint as the paper's training script writes it: its args Namespace, optimizer, ..."""
+    model = create_model(backbone, 10, img_size=32, method='evit', keep=keep, clc=True, cla=True)
+    sd = {k: torch.randn_like(v) * 0.2 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    sd = sd | {k: v.abs() + 0.5 for k, v in sd.items() if k.endswith('running_var')}
+    args = argparse.Namespace(model=f'evit_{backbone}', input_size=32, keep_rate=[keep], reduction_loc=[3, 6, 9],
+                              clc=True, num_clr=1, ifa_head=True, clc_include_gap=True, clc_recover_at_last=True,
+                              lr=1e-4, seed=1)
+    torch.save({'model': sd | {'head.weight': torch.zeros(1000, 192), 'head.bias': torch.zeros(1000)},
+                'optimizer': {}, 'lr_scheduler': {}, 'epoch': 50, 'scaler': {}, 'args': args}, path)
+    return sd
+
+
+def test_an_official_checkpoint_is_evaluated_with_its_own_settings(tmp_path, capsys):
+    sd = official_checkpoint(tmp_path / 'clca.pth')
+    evaluation.main(['--checkpoint', str(tmp_path / 'clca.pth'), '--dataset', 'leaves', '--workers', '0'])
+    out = capsys.readouterr().out
+    assert 'evit keep (0.25,) loc (3, 6, 9) clc=True cla=True at 32 px' in out
+    reported = float(re.search(r'top-1 ([\d.]+)%', out).group(1))
+    # the same number by hand: build the model, load the weights, count the hits
+    model = create_model('vit_tiny_patch8_224', 10, img_size=32, method='evit', keep=0.25, clc=True, cla=True)
+    load_weights(model, sd, verbose=False)
+    dataset, _ = build_dataset('leaves', 'test', 32)
+    with torch.no_grad():
+        hits = sum((model.eval()(x).argmax(1) == y).sum().item() for x, y in DataLoader(dataset, 100))
+    assert reported == pytest.approx(100 * hits / len(dataset), abs=0.005)
+
+
+def test_a_checkpoint_for_another_dataset_is_refused(tmp_path):
+    official_checkpoint(tmp_path / 'clca.pth')
+    (tmp_path / 'cotton' / 'anno').mkdir(parents=True)
+    (tmp_path / 'cotton' / 'anno' / 'test.txt').write_text('x.png 1\n')
+    with pytest.raises(SystemExit, match='cotton has 80 classes but the model predicts 10'):
+        evaluation.main(['--checkpoint', str(tmp_path / 'clca.pth'), '--dataset', 'cotton',
+                         '--data-dir', str(tmp_path / 'cotton')])
+
+
+def test_cost_reports_gmacs_params_speed_and_memory(capsys):
+    evaluation.main(['--cost', '--backbone', 'vit_tiny_patch8_224', '--img-size', '32', '--method', 'evit',
+                     '--keep', '0.5', '--clc', '--cla', '--num-classes', '10', '--batch-size', '2'])
+    out = capsys.readouterr().out
+    model = create_model('vit_tiny_patch8_224', 10, img_size=32, method='evit', keep=0.5, clc=True, cla=True)
+    assert f'{gmacs(model):.3f} GMACs' in out
+    assert f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters' in out
+    assert re.search(r'[\d.]+ images/s .* peak memory \d+ MiB', out)
+    # [CLS, 16 patches, CLR]; block 3 keeps ceil(0.5 * 17) = 9, adds the fused token and 6 carriers: 17; ...
+    assert 'tokens per stage 18>17>16>16' in out
+
+
+def test_sweep_prints_one_row_per_method_keep_and_clca(capsys):
+    evaluation.main(['--sweep', '--methods', 'none', 'evit', 'topk', '--keeps', '0.25', '0.5',
+                     '--backbone', 'vit_tiny_patch8_224', '--img-size', '64', '--batch-size', '2'])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| ') and '---' not in line][1:]
+    assert len(rows) == 2 + 2 * 2 * 2  # none (off/on) + evit and topk x 2 keeps x (off/on)
+    gm = {tuple(c.strip() for c in r.split('|')[1:4]): float(r.split('|')[5]) for r in rows}
+    assert gm[('evit', '0.25', 'off')] < gm[('evit', '0.5', 'off')] < gm[('none', '1', 'off')]
+    assert gm[('topk', '0.25', 'off')] < gm[('evit', '0.25', 'off')] < gm[('evit', '0.25', 'on')]
+
+
+def test_sweep_over_checkpoints_adds_their_accuracy(tmp_path, capsys):
+    official_checkpoint(tmp_path / 'a.pth', keep=0.25)
+    official_checkpoint(tmp_path / 'b.pth', keep=0.5)
+    evaluation.main(['--sweep', '--checkpoints', str(tmp_path / 'a.pth'), str(tmp_path / 'b.pth'),
+                     '--dataset', 'leaves', '--batch-size', '100', '--workers', '0'])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| evit')]
+    assert [r.split('|')[2].strip() for r in rows] == ['0.25', '0.5']
+    assert all(re.fullmatch(r'\d+\.\d', r.split('|')[7].strip()) for r in rows)
+
+
+def test_visualize_writes_a_png_grid(tmp_path):
+    official_checkpoint(tmp_path / 'clca.pth')
+    evaluation.main(['--checkpoint', str(tmp_path / 'clca.pth'), '--dataset', 'leaves',
+                     '--visualize', str(tmp_path / 'kept.png')])
+    png = Image.open(tmp_path / 'kept.png')
+    assert png.format == 'PNG'
+    assert png.size == (4 * (32 + 2) + 2, 8 * (32 + 2) + 2)  # columns: image + 3 locations; 8 images
+
+
+def test_evaluate_counts_top1_and_top5():
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor([[9., 8, 7, 6, 5, 4], [0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]])
+    loader = [(torch.zeros(3), torch.tensor([0, 0, 4]))]
+    res = evaluation.evaluate(Fixed(), loader, torch.device('cpu'), dict(device_type='cpu', enabled=False))
+    assert res['top1'] == pytest.approx(100 / 3) and res['top5'] == pytest.approx(200 / 3)

@@ -1,0 +1,126 @@
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as evaluation
+import train
+from conftest import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+# a tiny, fast version of the embedded preset: 32 px leaves, 16 patches of 8 px
+FAST = ['--img-size', '32', '--batch-size', '50', '--workers', '0', '--warmup-epochs', '1', '--cooldown-epochs', '0']
+
+
+pytestmark = pytest.mark.usefixtures('small_leaves')
+
+def read_log(out):
+    return [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
+
+
+def test_one_epoch_on_the_embedded_data(tmp_path, capsys):
+    metrics = train.main(FAST + ['--epochs', '2', '--out', str(tmp_path)])
+    assert metrics['epoch'] == 2 and 0 <= metrics['top1'] <= 100 and math.isfinite(metrics['train_loss'])
+    assert 'epoch   2/2' in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / 'last.pt', weights_only=True)  # a plain dict, no pickled objects
+    assert ckpt['epoch'] == 2 and ckpt['args']['dataset'] == 'leaves' and 'optimizer' in ckpt
+    config = json.loads((tmp_path / 'config.json').read_text())
+    assert config['keep'] == [0.1] and config['model']['clc'] and config['model']['cla']
+    assert [m['epoch'] for m in read_log(tmp_path)] == [1, 2]
+
+
+def test_resume_continues_the_same_trajectory(tmp_path, monkeypatch):
+    args = FAST + ['--epochs', '3', '--seed', '3']
+    train.main(args + ['--out', str(tmp_path / 'straight')])
+    real_save = train.save_checkpoint
+
+    def crash_after_saving(obj, path):
+        real_save(obj, path)
+        if obj['epoch'] == 1:
+            raise KeyboardInterrupt  # the machine goes down right after epoch 1 was saved
+    monkeypatch.setattr(train, 'save_checkpoint', crash_after_saving)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args + ['--out', str(tmp_path / 'resumed')])
+    monkeypatch.setattr(train, 'save_checkpoint', real_save)
+    train.main(['--resume', str(tmp_path / 'resumed' / 'last.pt')])
+    a = torch.load(tmp_path / 'straight' / 'last.pt', weights_only=True)
+    b = torch.load(tmp_path / 'resumed' / 'last.pt', weights_only=True)
+    assert a['model'].keys() == b['model'].keys()
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k  # bit for bit
+    drop_time = lambda log: [{k: v for k, v in m.items() if k not in ('seconds', 'images_per_s')} for m in log]
+    assert drop_time(read_log(tmp_path / 'straight')) == drop_time(read_log(tmp_path / 'resumed'))
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real_ce, calls = torch.nn.functional.cross_entropy, []
+
+    def ce(logits, labels, **kw):
+        calls.append(1)
+        loss = real_ce(logits, labels, **kw)
+        return loss * float('nan') if len(calls) > 30 else loss  # epoch 1: 20 steps, 10 test batches
+    monkeypatch.setattr(train.F, 'cross_entropy', ce)
+    with pytest.raises(SystemExit, match='the loss became nan in epoch 2.*--clip-grad'):
+        train.main(FAST + ['--epochs', '3', '--out', str(tmp_path)])
+    assert torch.load(tmp_path / 'last.pt', weights_only=True)['epoch'] == 1
+
+
+@pytest.mark.parametrize('argv,match', [
+    (['--keep', '0'], 'keep'), (['--keep', '1.5'], 'keep'), (['--loc', '3', '12'], 'loc'),
+    (['--img-size', '30'], 'multiple of patch_size'), (['--epochs', '0'], 'epochs'),
+    (['--epochs', '3', '--warmup-epochs', '2', '--cooldown-epochs', '2'], 'exceed --epochs'),
+    (['--resume', 'x.pt', '--lr', '1'], 'drop --lr'), (['--backbone', 'resnet50'], 'unknown backbone'),
+])
+def test_flags_are_checked_at_parse_time(argv, match, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(argv)
+    assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_defaults_are_the_paper_recipe_for_real_data():
+    args = train.parse_args(['--dataset', 'soyageing'])
+    assert (args.backbone, args.img_size, args.method, args.keep, args.loc, args.clc, args.cla) == \
+        ('vit_base_patch16_224.orig_in21k', 448, 'evit', [0.1], [3, 6, 9], True, True)
+    assert (args.lr, args.weight_decay, args.batch_size, args.epochs, args.min_lr, args.warmup_lr) == \
+        (1e-4, 0.05, 32, 50, 1e-5, 1e-6)
+    lrs = [train.lr_at(e, args) for e in range(50)]
+    assert lrs[0] == pytest.approx(1e-6) and lrs[1] == pytest.approx(0.5e-4 + 0.5e-6)
+    assert all(a > b for a, b in zip(lrs[2:45], lrs[3:45]))  # the cosine falls ...
+    assert lrs[44] > 1e-5 and lrs[45:] == [1e-5] * 5        # ... to the floor, then 5 cool-down epochs
+
+
+def test_weight_decay_only_on_weight_matrices():
+    model = tiny(method='evit', keep=0.5, clc=True, cla=True)
+    decay, rest = (set(map(id, g['params'])) for g in train.param_groups(model, 0.05))
+    named = dict(model.named_parameters())
+    for name in ('pos_embed', 'cls_token', 'clr', 'blocks.0.attn.qkv.bias', 'blocks.0.norm1.weight',
+                 'ifa_head.0.0.weight'):
+        assert id(named[name]) in rest, name
+    for name in ('blocks.0.attn.qkv.weight', 'patch_embed.proj.weight', 'ifa_head.0.1.weight'):
+        assert id(named[name]) in decay, name
+    assert len(decay) + len(rest) == len(named)
+
+
+def test_ddp_with_two_cpu_processes_matches_a_single_process_evaluation(tmp_path, capsys, monkeypatch):
+    monkeypatch.undo()  # the torchrun processes read the full-size leaves; so must the evaluation below
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    run = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                          'train.py', *FAST, '--epochs', '1', '--out', str(tmp_path)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count('epoch   1/1') == 1  # only rank 0 talks
+    logged = read_log(tmp_path)[0]
+    evaluation.main(['--checkpoint', str(tmp_path / 'last.pt'), '--workers', '0', '--batch-size', '64'])
+    single = capsys.readouterr().out
+    assert f"top-1 {logged['top1']:.2f}%" in single  # both processes' halves of the test set, summed
+
+
+@pytest.mark.skipif(os.environ.get('CLCA_TEST_COMPILE') != '1', reason='opt-in: CLCA_TEST_COMPILE=1 (compiles slowly on CPU)')
+def test_compiled_training_smoke(tmp_path):
+    metrics = train.main(FAST + ['--epochs', '2', '--compile', '--out', str(tmp_path)])
+    assert math.isfinite(metrics['train_loss'])

@@ -1,0 +1,269 @@
+"""Train a CLCA model (DESIGN.md Sec. 7).
+
+    python train.py                                  # embedded synthetic leaves, tiny ViT, ~5 min on a CPU
+    python train.py --dataset soyageing --keep 0.1   # the paper's recipe: ViT-B/16, 448 px, EViT + CLCA
+    torchrun --nproc_per_node 4 train.py --dataset soyageing   # the same on 4 GPUs (DDP)
+    python train.py --resume runs/leaves/last.pt     # continue a run exactly where it stopped
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from data import DATASETS, DatasetError, build_dataset
+from eval import evaluate, split_for_rank
+from model import CheckpointError, backbone_config, create_model, load_weights, pretrained_url
+from reduce import METHODS
+
+# Defaults that depend on the data: the paper's recipe for real datasets, and a preset for the embedded
+# leaves that trains a tiny ViT from scratch in about five minutes on a 2-core CPU.
+PAPER = dict(backbone='vit_base_patch16_224.orig_in21k', pretrained='auto', img_size=448, epochs=50,
+             warmup_epochs=2, cooldown_epochs=5, batch_size=32, lr=1e-4)
+LEAVES = dict(backbone='vit_tiny_patch8_224', pretrained='none', img_size=64, epochs=12,
+              warmup_epochs=1, cooldown_epochs=1, batch_size=32, lr=1e-3)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description='Train a ViT with token reduction and CLCA.')
+    a = p.add_argument
+    a('--dataset', default='leaves', choices=DATASETS, help='leaves (embedded, default), folder (any layout '
+      'at --data-dir) or a UFG dataset')
+    a('--data-dir', help='dataset folder (default data/<dataset>)')
+    a('--backbone', help=f"timm ViT name with pretrained tag (paper: {PAPER['backbone']})")
+    a('--pretrained', help="'auto' (download the backbone's weights), a path or URL, or 'none' (from scratch)")
+    a('--img-size', type=int, help='input size in pixels (paper: 448)')
+    a('--method', default='evit', choices=METHODS, help='token reduction method')
+    a('--keep', type=float, nargs='+', default=[0.1], help='keep rate, one or one per location')
+    a('--loc', type=int, nargs='*', default=[3, 6, 9], help='0-indexed blocks that reduce')
+    a('--clc', action=argparse.BooleanOptionalAction, default=True, help='cross-layer cache')
+    a('--cla', action=argparse.BooleanOptionalAction, default=True, help='cross-layer aggregation head')
+    a('--num-clr', type=int, default=1, help='CLR carrier tokens of the cache')
+    a('--norm', choices=('imagenet', 'backbone'), default='imagenet',
+      help="input statistics: ImageNet's (as the paper's code) or the backbone's own")
+    a('--epochs', type=int, help='total epochs, cool-down included (paper: 50)')
+    a('--warmup-epochs', type=int, help='linear warm-up epochs (paper: 2)')
+    a('--cooldown-epochs', type=int, help='epochs at --min-lr after the cosine (paper: 5)')
+    a('--batch-size', type=int, help='global batch size, split over the processes (paper: 32)')
+    a('--lr', type=float, help='peak learning rate of AdamW (paper: 1e-4)')
+    a('--min-lr', type=float, help='cosine floor and cool-down rate (default lr / 10)')
+    a('--warmup-lr', type=float, help='warm-up start (default lr / 100)')
+    a('--weight-decay', type=float, default=0.05, help='on weights with 2 or more dims only')
+    a('--clip-grad', type=float, default=0.0, help='max gradient norm, 0 = off')
+    a('--amp', choices=('bf16', 'fp16', 'off'), help='mixed precision (default bf16 on CUDA, off on CPU)')
+    a('--compile', action=argparse.BooleanOptionalAction, help='torch.compile (default on for CUDA)')
+    a('--workers', type=int, default=min(4, os.cpu_count() or 1), help='data loading processes per GPU')
+    a('--seed', type=int, default=1, help='seed: the same seed gives the same run on a CPU')
+    a('--out', help='output folder (default runs/<dataset>, numbered if taken)')
+    a('--resume', help='checkpoint to continue from, with the flags it was started with')
+    args = p.parse_args(argv)
+    if args.resume:
+        given = [x for x in (argv if argv is not None else sys.argv[1:]) if x.startswith('--') and x != '--resume']
+        if given:
+            p.error(f'--resume continues a run with the flags saved in its checkpoint: drop {" ".join(given)}')
+        return args
+    for key, value in (LEAVES if args.dataset == 'leaves' else PAPER).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
+    args.warmup_lr = args.lr / 100 if args.warmup_lr is None else args.warmup_lr
+    cuda = torch.cuda.is_available()
+    args.amp = args.amp or ('bf16' if cuda else 'off')
+    args.compile = cuda if args.compile is None else args.compile
+    try:  # every model flag is checked here, before any data is read
+        backbone_config(args.backbone, img_size=args.img_size, method=args.method, keep=args.keep,
+                        loc=args.loc, clc=args.clc, num_clr=args.num_clr)
+    except ValueError as e:
+        p.error(str(e))
+    for name in ('epochs', 'batch_size', 'workers'):
+        if getattr(args, name) < (0 if name == 'workers' else 1):
+            p.error(f'--{name.replace("_", "-")} must be positive')
+    if args.warmup_epochs + args.cooldown_epochs > args.epochs:
+        p.error('--warmup-epochs plus --cooldown-epochs exceed --epochs: raise --epochs')
+    return args
+
+
+def lr_at(epoch: int, args) -> float:
+    """Per-epoch schedule of the paper: linear warm-up from warmup_lr, cosine from lr down to min_lr,
+    then cool-down epochs at min_lr (timm's cosine scheduler with t_in_epochs)."""
+    if epoch < args.warmup_epochs:
+        return args.warmup_lr + epoch * (args.lr - args.warmup_lr) / args.warmup_epochs
+    cosine = args.epochs - args.cooldown_epochs
+    if epoch >= cosine:
+        return args.min_lr
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * epoch / cosine))
+
+
+def param_groups(model, weight_decay):
+    """Weight decay on weights with 2 or more dims, except position embeddings, CLS and CLR tokens."""
+    skip = {'pos_embed', 'cls_token', 'clr'}
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and n not in skip]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and (p.ndim < 2 or n in skip)]
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)]
+
+
+def save_checkpoint(obj, path: Path):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    tmp = path.with_suffix('.tmp')
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def out_dir(args) -> Path:
+    if args.out:
+        return Path(args.out)
+    base, n = Path('runs') / args.dataset, 1
+    while (base.parent / (base.name + (f'-{n}' if n > 1 else ''))).exists():
+        n += 1
+    return base.parent / (base.name + (f'-{n}' if n > 1 else ''))
+
+
+def setup_distributed():
+    """One code path for 1 or N processes: torchrun sets WORLD_SIZE, a plain run is world 1."""
+    cuda = torch.cuda.is_available()
+    if 'WORLD_SIZE' not in os.environ:
+        return 0, 1, torch.device('cuda' if cuda else 'cpu')
+    dist.init_process_group('nccl' if cuda else 'gloo')
+    local = int(os.environ.get('LOCAL_RANK', 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    return dist.get_rank(), dist.get_world_size(), torch.device('cuda', local) if cuda else torch.device('cpu')
+
+
+def train(args):
+    rank, world, device = setup_distributed()
+    ckpt = None
+    if args.resume:
+        ckpt = torch.load(args.resume, map_location='cpu', weights_only=True)
+        args = argparse.Namespace(**{**ckpt['args'], 'resume': args.resume})
+    say = print if rank == 0 else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)
+
+    # data: ImageNet statistics by default, as the paper's code does for every backbone
+    stats = backbone_config(args.backbone) if args.norm == 'backbone' else None
+    mean, std = (stats.mean, stats.std) if stats else (None, None)
+    train_set, num_classes = build_dataset(args.dataset, 'train', args.img_size, args.data_dir, mean, std)
+    test_set, _ = build_dataset(args.dataset, 'test', args.img_size, args.data_dir, mean, std)
+    if args.batch_size % world:
+        raise DatasetError(f'--batch-size {args.batch_size} does not split evenly over {world} processes')
+    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed, drop_last=True)
+    loader_gen = torch.Generator()
+    kw = dict(num_workers=args.workers, pin_memory=device.type == 'cuda', persistent_workers=False)
+    train_loader = DataLoader(train_set, args.batch_size // world, sampler=sampler, drop_last=True,
+                              generator=loader_gen, **kw)
+    test_loader = DataLoader(split_for_rank(test_set, rank, world), args.batch_size // world, **kw)
+    if len(train_loader) == 0:
+        raise DatasetError(f'{len(train_set)} training images make no full batch of {args.batch_size}')
+
+    # model, optimizer, mixed precision
+    pretrained = pretrained_url(args.backbone) if args.pretrained == 'auto' else args.pretrained
+    model = create_model(args.backbone, num_classes, img_size=args.img_size, method=args.method, keep=args.keep,
+                         loc=args.loc, clc=args.clc, cla=args.cla, num_clr=args.num_clr)
+    if pretrained != 'none' and ckpt is None:
+        if rank == 0 or not str(pretrained).startswith(('http://', 'https://')):
+            load_weights(model, pretrained, verbose=rank == 0)
+        if world > 1:  # rank 0 downloaded; the others read the cached file
+            dist.barrier()
+            if rank:
+                load_weights(model, pretrained, verbose=False)
+    model.to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
+    amp = dict(device_type=device.type, dtype=torch.float16 if args.amp == 'fp16' else torch.bfloat16,
+               enabled=args.amp != 'off')
+    start = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scaler.load_state_dict(ckpt['scaler'])
+        start = ckpt['epoch']
+    net = torch.compile(model) if args.compile else model
+    net = DDP(net, device_ids=[device.index] if device.type == 'cuda' else None) if world > 1 else net
+
+    out = Path(args.resume).parent if args.resume else out_dir(args)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if ckpt is not None and (out / 'log.jsonl').exists():
+            lines = (out / 'log.jsonl').read_text().splitlines()
+            (out / 'log.jsonl').write_text(''.join(l + '\n' for l in lines if json.loads(l)['epoch'] <= start))
+        (out / 'config.json').write_text(json.dumps({**vars(args), 'model': asdict(model.cfg)}, indent=2) + '\n')
+        say(f'{args.dataset}: {len(train_set)} train / {len(test_set)} test images, {num_classes} classes; '
+            f'{args.backbone} {args.method} keep {args.keep} clc={args.clc} cla={args.cla} on {device} '
+            f'x{world}; writing to {out}')
+
+    metrics = {}
+    for epoch in range(start, args.epochs):
+        lr = lr_at(epoch, args)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        # the randomness of an epoch depends on (seed, epoch) only, so a resumed run takes the same path
+        torch.manual_seed(args.seed + epoch)
+        loader_gen.manual_seed(args.seed + epoch)
+        sampler.set_epoch(epoch)
+        net.train()
+        seen, loss_sum, correct, t0 = 0, 0.0, 0, time.perf_counter()
+        bar = tqdm(train_loader, desc=f'epoch {epoch + 1}/{args.epochs}', leave=False, disable=rank != 0)
+        for images, labels in bar:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with torch.autocast(**amp):
+                out_ = net(images)
+                # methods with an auxiliary training loss return (logits, aux_loss) in training mode
+                logits, aux = out_ if isinstance(out_, tuple) else (out_, 0.0)
+                loss = F.cross_entropy(logits.float(), labels) + aux
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f'the loss became {loss.item()} in epoch {epoch + 1}; the last good checkpoint is '
+                    f'{out / "last.pt"}: lower --lr, or set --clip-grad 1.0')
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if args.clip_grad > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            seen += len(labels)
+            loss_sum += loss.item() * len(labels)
+            correct += (logits.argmax(-1) == labels).sum().item()
+            bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{lr:.1e}', img_s=f'{seen * world / (time.perf_counter() - t0):.0f}')
+        totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(totals)
+        elapsed = time.perf_counter() - t0
+        test = evaluate(net, test_loader, device, amp, world)
+        metrics = dict(epoch=epoch + 1, lr=lr, train_loss=(totals[0] / totals[2]).item(),
+                       train_top1=(100 * totals[1] / totals[2]).item(), **test,
+                       images_per_s=totals[2].item() / elapsed, seconds=elapsed)
+        if rank == 0:  # log first: a resumed run drops log lines of epochs its checkpoint does not have
+            with open(out / 'log.jsonl', 'a') as f:
+                f.write(json.dumps(metrics) + '\n')
+            save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                 scaler=scaler.state_dict(), epoch=epoch + 1, args=vars(args), metrics=metrics),
+                            out / 'last.pt')
+            say(f"epoch {epoch + 1:3d}/{args.epochs}  loss {metrics['train_loss']:.3f}  train {metrics['train_top1']:5.1f}%  "
+                f"test {metrics['top1']:5.1f}% (top-5 {metrics['top5']:5.1f}%)  lr {lr:.1e}  "
+                f"{metrics['images_per_s']:.0f} img/s  {elapsed:.0f} s")
+    if world > 1:
+        dist.destroy_process_group()
+    return metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except (DatasetError, CheckpointError, FloatingPointError) as e:
+        sys.exit(f'error: {str(e).strip().splitlines()[-1].split("Error: ")[-1]}')
+
+
+if __name__ == '__main__':
+    main()
