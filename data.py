@@ -17,6 +17,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import to_pil_image
 
+from model import IMAGENET_MEAN, IMAGENET_STD
+
 # name: (classes, image folder of the official CSV layout), DESIGN Sec. 8
 UFG = {'cotton': (80, 'cotton_square_new'), 'soylocal': (200, 'soybean200_square'),
        'soygene': (1110, 'images'), 'soyglobal': (1938, 'soybean2000'), 'soyageing': (198, '.')}
@@ -99,7 +101,7 @@ def _label(text, where) -> int:
 
 def build_dataset(name: str, split: str, img_size: int, data_dir=None, mean=None, std=None):
     """Returns (dataset, num_classes). `mean`/`std` default to ImageNet's (the reference's choice)."""
-    mean, std = mean or (0.485, 0.456, 0.406), std or (0.229, 0.224, 0.225)
+    mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
     tf = transforms(img_size, split == 'train', mean, std)
     if name == 'leaves':
         ds = Leaves(split, img_size, tf)

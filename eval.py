@@ -182,11 +182,12 @@ def main(argv=None):
     a('--batch-size', type=int, help='default 32 on CUDA, 4 on CPU')
     a('--amp', choices=('bf16', 'fp16', 'off'), help='default bf16 on CUDA, off on CPU')
     a('--compile', action='store_true', help='time the torch.compile-d model')
-    a('--workers', type=int, default=min(4, os.cpu_count() or 1))
+    a('--workers', type=int, help='data loading processes (default: min(8, cores) on CUDA, 0 on a CPU)')
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device('cuda' if cuda else 'cpu')
     args.batch_size = args.batch_size or (32 if cuda else 4)
+    args.workers = (min(8, os.cpu_count() or 1) if cuda else 0) if args.workers is None else args.workers
     args.amp = args.amp or ('bf16' if cuda else 'off')
     amp = dict(device_type=device.type, dtype=torch.float16 if args.amp == 'fp16' else torch.bfloat16,
                enabled=args.amp != 'off')

@@ -23,14 +23,14 @@ from tqdm import tqdm
 
 from data import DATASETS, DatasetError, build_dataset
 from eval import evaluate, split_for_rank
-from model import CheckpointError, backbone_config, create_model, load_weights, pretrained_url
+from model import CheckpointError, backbone_config, create_model, load_weights, open_checkpoint, pretrained_url
 from reduce import METHODS
 
 # Defaults that depend on the data: the paper's recipe for real datasets, and a preset for the embedded
 # leaves that trains a tiny ViT from scratch in about five minutes on a 2-core CPU.
 PAPER = dict(backbone='vit_base_patch16_224.orig_in21k', pretrained='auto', img_size=448, epochs=50,
              warmup_epochs=2, cooldown_epochs=5, batch_size=32, lr=1e-4)
-LEAVES = dict(backbone='vit_tiny_patch8_224', pretrained='none', img_size=64, epochs=12,
+LEAVES = dict(backbone='vit_tiny_patch8_224', pretrained='none', img_size=64, epochs=8,
               warmup_epochs=1, cooldown_epochs=1, batch_size=32, lr=1e-3)
 
 
@@ -62,7 +62,8 @@ def parse_args(argv=None):
     a('--clip-grad', type=float, default=0.0, help='max gradient norm, 0 = off')
     a('--amp', choices=('bf16', 'fp16', 'off'), help='mixed precision (default bf16 on CUDA, off on CPU)')
     a('--compile', action=argparse.BooleanOptionalAction, help='torch.compile (default on for CUDA)')
-    a('--workers', type=int, default=min(4, os.cpu_count() or 1), help='data loading processes per GPU')
+    a('--workers', type=int, help='data loading processes per process (default: 8 or the core count on '
+      'CUDA, 0 on a CPU, where the model needs the cores)')
     a('--seed', type=int, default=1, help='seed: the same seed gives the same run on a CPU')
     a('--out', help='output folder (default runs/<dataset>, numbered if taken)')
     a('--resume', help='checkpoint to continue from, with the flags it was started with')
@@ -80,6 +81,7 @@ def parse_args(argv=None):
     cuda = torch.cuda.is_available()
     args.amp = args.amp or ('bf16' if cuda else 'off')
     args.compile = cuda if args.compile is None else args.compile
+    args.workers = (min(8, os.cpu_count() or 1) if cuda else 0) if args.workers is None else args.workers
     try:  # every model flag is checked here, before any data is read
         backbone_config(args.backbone, img_size=args.img_size, method=args.method, keep=args.keep,
                         loc=args.loc, clc=args.clc, num_clr=args.num_clr)
@@ -144,7 +146,7 @@ def train(args):
     rank, world, device = setup_distributed()
     ckpt = None
     if args.resume:
-        ckpt = torch.load(args.resume, map_location='cpu', weights_only=True)
+        ckpt = open_checkpoint(args.resume)
         args = argparse.Namespace(**{**ckpt['args'], 'resume': args.resume})
     say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
@@ -170,12 +172,11 @@ def train(args):
     model = create_model(args.backbone, num_classes, img_size=args.img_size, method=args.method, keep=args.keep,
                          loc=args.loc, clc=args.clc, cla=args.cla, num_clr=args.num_clr)
     if pretrained != 'none' and ckpt is None:
-        if rank == 0 or not str(pretrained).startswith(('http://', 'https://')):
-            load_weights(model, pretrained, verbose=rank == 0)
-        if world > 1:  # rank 0 downloaded; the others read the cached file
+        if rank:  # rank 0 downloads first, the others then read its cached file
             dist.barrier()
-            if rank:
-                load_weights(model, pretrained, verbose=False)
+        load_weights(model, pretrained, verbose=rank == 0)
+        if world > 1 and rank == 0:
+            dist.barrier()
     model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
@@ -220,9 +221,12 @@ def train(args):
                 # methods with an auxiliary training loss return (logits, aux_loss) in training mode
                 logits, aux = out_ if isinstance(out_, tuple) else (out_, 0.0)
                 loss = F.cross_entropy(logits.float(), labels) + aux
-            if not torch.isfinite(loss):
+            check = loss.detach().clone()
+            if world > 1:  # every process sees the same verdict, so all of them stop together
+                dist.all_reduce(check)
+            if not torch.isfinite(check):
                 raise FloatingPointError(
-                    f'the loss became {loss.item()} in epoch {epoch + 1}; the last good checkpoint is '
+                    f'the loss became {check.item()} in epoch {epoch + 1}; the last good checkpoint is '
                     f'{out / "last.pt"}: lower --lr, or set --clip-grad 1.0')
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

@@ -70,6 +70,11 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     assert torch.load(tmp_path / 'last.pt', weights_only=True)['epoch'] == 1
 
 
+def test_resuming_a_missing_checkpoint_is_one_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match='checkpoint not found'):
+        train.main(['--resume', str(tmp_path / 'nope.pt')])
+
+
 @pytest.mark.parametrize('argv,match', [
     (['--keep', '0'], 'keep'), (['--keep', '1.5'], 'keep'), (['--loc', '3', '12'], 'loc'),
     (['--img-size', '30'], 'multiple of patch_size'), (['--epochs', '0'], 'epochs'),
