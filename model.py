@@ -117,13 +117,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
 
-    def forward(self, x):
+    def forward(self, x, bias=None):
         """Returns the attention output (B, N, D) and its inputs (q, k, v), each (B, H, N, D/H),
-        which a reducer inside the block reads its scores from."""
+        which a reducer inside the block reads its scores from. `bias` is added to the logits."""
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)  # (B, N, 3, H, D/H)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                           # 3 x (B, H, N, D/H)
-        out = F.scaled_dot_product_attention(q, k, v)                            # fused kernel
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)            # fused kernel
         return self.proj(out.transpose(1, 2).reshape(B, N, D)), (q, k, v)
 
 
@@ -158,7 +158,7 @@ class Block(nn.Module):
     def forward(self, t: Tokens, reducer=None) -> Tokens:
         if reducer is not None and reducer.before_block:
             t = reducer(t, None)
-        out, qkv = self.attn(self.norm1(t.x))
+        out, qkv = self.attn(self.norm1(t.x), t.attn_bias())
         t = replace(t, x=t.x + self.ls1(out))
         if reducer is not None and not reducer.before_block:
             t = reducer(t, qkv)  # attention saw all N tokens, the MLP sees the survivors only
@@ -179,7 +179,7 @@ class ViT(nn.Module):
         self.clr = nn.Parameter(torch.zeros(1, self.num_clr, D)) if self.num_clr else None
         self.norm_pre = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
-        self.reducers = build_reducers(cfg.method, cfg.keep, len(cfg.loc))
+        self.reducers = build_reducers(cfg.method, cfg.keep, len(cfg.loc), P, D)
         self.stage = {i: s for s, i in enumerate(cfg.loc)} if len(self.reducers) else {}
         # CLCA Sec. 2.2: recover after every reduction, and once more at depth - 2
         self.recovery = sorted(set(cfg.loc) | ({cfg.depth - 2} if cfg.clc_last else set()))
@@ -333,6 +333,8 @@ def read_checkpoint(source) -> dict:
         if isinstance(sd.get(key), dict):
             sd = sd[key]
     sd = {k.removeprefix('module.'): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    # the paper's code names the learned parts of a reduction after the method; here they are `reducers`
+    sd = {re.sub(r'^(cluster_layers|score_predictor)\.', 'reducers.', k): v for k, v in sd.items()}
     if any(k.startswith('base_encoder.') for k in sd):  # MoCo v3: keep the online encoder only
         sd = {k.removeprefix('base_encoder.'): v for k, v in sd.items() if k.startswith('base_encoder.')}
     return sd

@@ -15,11 +15,13 @@ reference code; each reducer's docstring says which one it follows and why.
 """
 import math
 from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-METHODS = ('none', 'evit', 'topk')
+METHODS = ('none', 'evit', 'topk', 'tome', 'patchmerger', 'sit')
 
 
 @dataclass
@@ -28,25 +30,34 @@ class Tokens:
     x: torch.Tensor    # (B, N, D) features
     idx: torch.Tensor  # (B, N) position in the input sequence: 0 = CLS, 1..P = patches, -1 = made here
                        # (a CLR carrier, an EViT fused token, a token recovered from the cache)
+    size: Optional[torch.Tensor] = None  # (B, N, 1) input tokens merged into each token (ToMe), else None
 
     def select(self, index: torch.Tensor) -> 'Tokens':
         """Keep the tokens at `index` (B, K), in that order."""
         x = self.x.gather(1, index.unsqueeze(-1).expand(-1, -1, self.x.shape[-1]))  # (B, K, D)
-        return replace(self, x=x, idx=self.idx.gather(1, index))                     # (B, K)
+        size = None if self.size is None else self.size.gather(1, index.unsqueeze(-1))  # (B, K, 1)
+        return replace(self, x=x, idx=self.idx.gather(1, index), size=size)         # idx (B, K)
 
     def append(self, extra: torch.Tensor) -> 'Tokens':
-        """Append made tokens `extra` (B, M, D) at the end of the sequence."""
+        """Append made tokens `extra` (B, M, D) at the end of the sequence; each counts as one token."""
         made = self.idx.new_full(extra.shape[:2], -1)  # (B, M)
-        return replace(self, x=torch.cat([self.x, extra], 1), idx=torch.cat([self.idx, made], 1))
+        size = None if self.size is None else torch.cat([self.size, self.size.new_ones(*extra.shape[:2], 1)], 1)
+        return replace(self, x=torch.cat([self.x, extra], 1), idx=torch.cat([self.idx, made], 1), size=size)
+
+    def attn_bias(self) -> Optional[torch.Tensor]:
+        """Added to the attention logits: log(size), ToMe's proportional attention. (B, 1, 1, N) or None."""
+        return None if self.size is None else self.size.log().to(self.x.dtype).transpose(1, 2).unsqueeze(1)
 
 
-def cls_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def cls_attention(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention probabilities of the CLS query over all N keys, averaged over heads: (B, N).
 
     Only the CLS row of the attention matrix is computed, O(N*D) instead of O(N^2*D), so the block
     itself can use the fused attention kernel, which never exposes its probabilities.
     """
     logits = q[:, :, :1] @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, H, 1, N)
+    if bias is not None:
+        logits = logits + bias                                           # (B, 1, 1, N) broadcast
     return logits.float().softmax(-1).mean(1).squeeze(1)                 # (B, N)
 
 
@@ -76,6 +87,42 @@ def evit(t: Tokens, cls_attn: torch.Tensor, keep: float, fuse: bool = True) -> T
     return kept.append(fused)
 
 
+def tome(t: Tokens, metric: torch.Tensor, r: int) -> Tokens:
+    """ToMe (Bolya et al., ICLR 2023): merge the r most redundant tokens, bipartite soft matching.
+
+    Tokens alternate into sets A (even positions, CLS among them) and B (odd positions). Each A
+    token finds its most similar B token by the cosine similarity of `metric` (B, N, C), the keys
+    averaged over heads; the r A tokens with the best matches are merged into their partners by a
+    size-weighted average, and the output is [unmerged A in position order, all of B], CLS first.
+    CLS never merges. As in ToMe, at most (N - 1) // 2 tokens go per call, so at keep rates below
+    0.5 ToMe removes fewer tokens than its schedule asks and costs more than EViT; CLCA keeps this
+    cap. A merged token keeps its B partner's `idx`.
+    """
+    B, N, D = t.x.shape
+    r = min(r, (N - 1) // 2)
+    if r <= 0:
+        return t
+    with torch.no_grad():
+        m = metric / metric.norm(dim=-1, keepdim=True)
+        scores = m[:, ::2] @ m[:, 1::2].transpose(-1, -2)       # (B, Na, Nb) cosine similarity A -> B
+        scores[:, 0] = -math.inf                                 # CLS (A's first token) stays
+        best, partner = scores.max(-1)                           # (B, Na)
+        order = best.argsort(-1, descending=True)                # (B, Na) most redundant first
+        unmerged = order[:, r:].sort(-1).values                  # (B, Na - r) back in position order
+        src, dst = order[:, :r], partner.gather(1, order[:, :r])  # (B, r) A rows into B rows
+    size = t.size if t.size is not None else t.x.new_ones(B, N, 1)
+
+    def merge(v):  # v (B, N, C) -> (B, N - r, C): sums, so sizes and size-weighted features add up
+        a, b = v[:, ::2], v[:, 1::2]
+        keep = a.gather(1, unmerged.unsqueeze(-1).expand(-1, -1, v.shape[-1]))  # (B, Na - r, C)
+        moved = a.gather(1, src.unsqueeze(-1).expand(-1, -1, v.shape[-1]))      # (B, r, C)
+        return torch.cat([keep, b.scatter_add(1, dst.unsqueeze(-1).expand(-1, -1, v.shape[-1]), moved)], 1)
+
+    new_size = merge(size)
+    idx = torch.cat([t.idx[:, ::2].gather(1, unmerged), t.idx[:, 1::2]], 1)  # (B, N - r)
+    return Tokens(x=merge(t.x * size) / new_size, idx=idx, size=new_size)
+
+
 class Reducer(nn.Module):
     """One reduction location. Subclasses set `before_block` and implement forward(tokens, qkv)."""
     before_block = False
@@ -90,20 +137,85 @@ class EViT(Reducer):
 
     def forward(self, t: Tokens, qkv) -> Tokens:
         q, k, _ = qkv
-        return evit(t, cls_attention(q, k), self.keep, self.fuse)
+        return evit(t, cls_attention(q, k, t.attn_bias()), self.keep, self.fuse)
 
     def extra_repr(self) -> str:
         return f'keep={self.keep}, fuse={self.fuse}'
 
 
-def build_reducers(method: str, keep: tuple, num_loc: int) -> nn.ModuleList:
+class ToMe(Reducer):
+    """ToMe at one location: merges a fixed r tokens (see `tome`)."""
+
+    def __init__(self, r: int):
+        super().__init__()
+        self.r = r
+
+    def forward(self, t: Tokens, qkv) -> Tokens:
+        return tome(t, qkv[1].mean(1), self.r)  # keys averaged over heads: (B, N, D/H)
+
+    def extra_repr(self) -> str:
+        return f'r={self.r}'
+
+
+def pooled(t: Tokens, merged: torch.Tensor) -> Tokens:
+    """[CLS, merged tokens]: the output of the methods that pool all non-CLS tokens into K new ones."""
+    return Tokens(x=torch.cat([t.x[:, :1], merged], 1), idx=F.pad(t.idx[:, :1], (0, merged.shape[1]), value=-1))
+
+
+class PatchMerger(Reducer):
+    """PatchMerger (Renggli et al., 2022) before a block: K learned queries attend over the
+    LayerNorm-ed non-CLS tokens (softmax over the tokens, no 1/sqrt(D) scaling) and the K weighted
+    averages of those normalised tokens replace them. Queries start from a standard normal, the
+    LayerNorm has torch's default eps, as in the reference. Everything but CLS is pooled, the CLR
+    carrier and recovered cache tokens included."""
+    before_block = True
+
+    def __init__(self, dim: int, k: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.queries = nn.Parameter(torch.randn(k, dim))
+
+    def forward(self, t: Tokens, qkv) -> Tokens:
+        x = self.norm(t.x[:, 1:])                                   # (B, N-1, D)
+        attn = (self.queries @ x.transpose(1, 2)).softmax(-1)       # (B, K, N-1)
+        return pooled(t, attn @ x)                                  # (B, 1+K, D)
+
+
+class SiT(Reducer):
+    """Token slimming (SiT, Zong et al., 2022) before a block: an MLP (LayerNorm, D -> D/2, GELU,
+    D/2 -> K) gives every non-CLS token K logits; a softmax over the tokens, after a learned scale,
+    turns them into K weighted averages that replace the tokens. Unlike the SiT paper there is no
+    token-recycling distillation; the CLCA code uses the slimming module alone."""
+    before_block = True
+
+    def __init__(self, dim: int, k: int):
+        super().__init__()
+        self.weight = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, k))
+        self.scale = nn.Parameter(torch.ones(1, 1, 1))
+
+    def forward(self, t: Tokens, qkv) -> Tokens:
+        x = t.x[:, 1:]                                                          # (B, N-1, D)
+        weights = (self.weight(x) * self.scale).softmax(1).transpose(1, 2)     # (B, K, N-1)
+        return pooled(t, weights @ x)                                           # (B, 1+K, D)
+
+
+def build_reducers(method: str, keep: tuple, num_loc: int, num_patches: int, dim: int) -> nn.ModuleList:
     """The reducers for `num_loc` locations (stage s = 0, 1, ...); empty when nothing is reduced.
 
-    `keep` has one rate or one per location. All rates 1.0 means no reduction.
+    `keep` has one rate or one per location; all rates 1.0 means no reduction. EViT and Top-K apply
+    the rate to the current tokens. The schedule methods aim at int(P * keep_0 * ... * keep_s)
+    tokens after stage s (P patches): int(P * keep^(s+1)) for a single rate, as in the reference.
     """
     if method not in METHODS:
         raise ValueError(f"unknown reduction method {method!r}: choose one of {', '.join(METHODS)}")
     keeps = tuple(keep) * num_loc if len(keep) == 1 else tuple(keep)
     if method == 'none' or all(k == 1.0 for k in keeps):
         return nn.ModuleList()
-    return nn.ModuleList(EViT(k, fuse=(method == 'evit')) for k in keeps)
+    if method in ('evit', 'topk'):
+        return nn.ModuleList(EViT(k, fuse=(method == 'evit')) for k in keeps)
+    targets = [int(num_patches * math.prod(keeps[:s + 1])) for s in range(num_loc)]
+    if method == 'tome':  # a fixed number merged per stage, whatever CLC added (the reference's rule)
+        return nn.ModuleList(ToMe(b - a) for b, a in zip([num_patches] + targets[:-1], targets))
+    # Deliberate deviation (DESIGN Sec. 10): at least one token, where the reference pools into none
+    pool = {'patchmerger': PatchMerger, 'sit': SiT}[method]
+    return nn.ModuleList(pool(dim, max(1, k)) for k in targets)

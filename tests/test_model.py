@@ -14,7 +14,7 @@ IMAGES = lambda n=2: torch.randn(n, 3, 32, 32)
 
 @pytest.mark.parametrize('backbone', ['vit_tiny_patch16_224', 'deit3_small_patch16_224',
                                       'vit_base_patch16_clip_224', 'vit_base_patch16_224_miil'])
-@pytest.mark.parametrize('method', ['none', 'evit', 'topk'])
+@pytest.mark.parametrize('method', ['none', 'evit', 'topk', 'tome', 'patchmerger', 'sit'])
 @pytest.mark.parametrize('clc,cla', [(False, False), (True, False), (False, True), (True, True)])
 def test_every_switch_combination_gives_logits(backbone, method, clc, cla):
     model = tiny(backbone=backbone, method=method, keep=0.3, clc=clc, cla=cla)
@@ -115,8 +115,9 @@ def test_cla_reads_the_raw_cls_of_the_reduction_layers_and_the_last_block():
     assert not hasattr(model, 'norm') and not hasattr(model, 'head')  # the final LayerNorm is unused
 
 
-def test_batched_eval_equals_one_image_at_a_time():
-    model = tiny(method='evit', keep=0.1, clc=True, cla=True).eval()
+@pytest.mark.parametrize('method', ['evit', 'tome'])
+def test_batched_eval_equals_one_image_at_a_time(method):
+    model = tiny(method=method, keep=0.1, clc=True, cla=True).eval()
     images = IMAGES(4)
     with torch.no_grad():
         batched = model(images)
@@ -124,12 +125,17 @@ def test_batched_eval_equals_one_image_at_a_time():
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize('backbone', ['vit_tiny_patch16_224', 'deit3_small_patch16_224', 'vit_base_patch16_clip_224'])
-def test_every_trainable_parameter_gets_a_gradient(backbone):
-    model = tiny(backbone=backbone, method='evit', keep=0.25, clc=True, cla=True).train()
+@pytest.mark.parametrize('backbone,method', [('vit_tiny_patch16_224', 'evit'), ('deit3_small_patch16_224', 'evit'),
+                                            ('vit_base_patch16_clip_224', 'evit'), ('vit_tiny_patch16_224', 'tome'),
+                                            ('vit_tiny_patch16_224', 'patchmerger'), ('vit_tiny_patch16_224', 'sit')])
+def test_a_training_step_reaches_every_trainable_parameter(backbone, method):
+    model = tiny(backbone=backbone, method=method, keep=0.25, clc=True, cla=True).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     F.cross_entropy(model(IMAGES(4)), torch.tensor([0, 1, 2, 3])).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+    torch.optim.AdamW(model.parameters(), lr=1e-3).step()
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 def timm_state_dict(backbone, img_size, num_classes=1000):
@@ -278,3 +284,14 @@ def test_pretrained_tags_point_at_timm_files():
         'https://huggingface.co/timm/deit_base_patch16_224.fb_in1k/resolve/main/pytorch_model.bin'
     with pytest.raises(CheckpointError, match='no pretrained tag'):
         pretrained_url('deit_base_patch16_224')
+
+
+@pytest.mark.parametrize('method,prefix', [('patchmerger', 'cluster_layers'), ('sit', 'cluster_layers')])
+def test_official_names_of_learned_reductions_load(method, prefix):
+    src = tiny(method=method, keep=0.25, clc=True, cla=True)
+    sd = {k.replace('reducers.', f'{prefix}.'): torch.randn_like(v) if v.is_floating_point() else v
+          for k, v in src.state_dict().items()}
+    model = tiny(method=method, keep=0.25, clc=True, cla=True)
+    assert load_weights(model, {'model': sd}, verbose=False) == ([], [])
+    torch.testing.assert_close(model.reducers[1].state_dict(), {k.split('.', 2)[2]: v for k, v in sd.items()
+                                                                if k.startswith(f'{prefix}.1.')})

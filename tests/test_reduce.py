@@ -1,11 +1,12 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from conftest import tiny, trace
 from model import Attention, backbone_config
-from reduce import Tokens, build_reducers, cls_attention, evit
+from reduce import Tokens, build_reducers, cls_attention, evit, tome
 
 
 def full_attention(q, k, v):
@@ -91,10 +92,10 @@ def test_token_counts_follow_the_keep_rule_and_cls_survives(method, keep, loc, c
 
 
 def test_keep_one_or_no_locations_means_no_reduction():
-    assert len(build_reducers('evit', (1.0,), 3)) == 0
-    assert len(build_reducers('evit', (0.5,), 0)) == 0
-    assert len(build_reducers('none', (0.5,), 3)) == 0
-    assert len(build_reducers('topk', (0.5, 1.0), 2)) == 2
+    assert len(build_reducers('evit', (1.0,), 3, 64, 8)) == 0
+    assert len(build_reducers('evit', (0.5,), 0, 64, 8)) == 0
+    assert len(build_reducers('none', (0.5,), 3, 64, 8)) == 0
+    assert len(build_reducers('topk', (0.5, 1.0), 2, 64, 8)) == 2
     t = Tokens(x=torch.randn(1, 9, 4), idx=torch.arange(9)[None])
     assert evit(t, torch.rand(1, 9), 1.0) is t
     model = tiny(method='evit', keep=(0.5, 1.0, 0.5)).eval()
@@ -102,4 +103,90 @@ def test_keep_one_or_no_locations_means_no_reduction():
         _, seen = trace(model, torch.randn(1, 3, 32, 32))
     assert [seen[i][1].x.shape[1] for i in (3, 6, 9)] == [1 + 32 + 1, 1 + 32 + 1, 1 + 17 + 1]
     with pytest.raises(ValueError, match='unknown reduction method'):
-        build_reducers('magic', (0.5,), 3)
+        build_reducers('magic', (0.5,), 3, 64, 8)
+
+
+def random_tokens(B, N, D, sizes=False):
+    t = Tokens(x=torch.randn(B, N, D), idx=torch.arange(N).expand(B, -1).clone())
+    return replace(t, size=torch.randint(1, 4, (B, N, 1)).float()) if sizes else t
+
+
+def test_tome_with_r_zero_is_the_identity():
+    t = random_tokens(2, 9, 4)
+    assert tome(t, torch.randn(2, 9, 4), 0) is t
+
+
+@pytest.mark.parametrize('sizes', [False, True])
+def test_tome_keeps_cls_first_and_preserves_the_size_weighted_sum(sizes):
+    B, N, D, r = 3, 12, 6, 4
+    t = random_tokens(B, N, D, sizes)
+    out = tome(t, torch.randn(B, N, D), r)
+    size_in = t.size if sizes else torch.ones(B, N, 1)
+    assert out.x.shape == (B, N - r, D) and out.size.shape == (B, N - r, 1)
+    assert (out.idx[:, 0] == 0).all() and torch.equal(out.x[:, 0], t.x[:, 0]) and (out.size[:, 0] == size_in[:, 0]).all()
+    torch.testing.assert_close(out.size.sum(1), size_in.sum(1))                      # no token lost
+    torch.testing.assert_close((out.x * out.size).sum(1), (t.x * size_in).sum(1))    # mass preserved
+    assert (out.idx[:, -(N // 2):] == t.idx[:, 1::2]).all()  # set B follows, in order
+
+
+def test_tome_merges_the_most_similar_pair_into_its_partner():
+    x = torch.randn(1, 7, 4)
+    metric = torch.randn(1, 7, 4)
+    metric[0, 4] = metric[0, 1] * 3  # A token 4 points exactly like B token 1: cosine 1, merged first
+    out = tome(Tokens(x=x, idx=torch.arange(7)[None]), metric, 1)
+    assert out.idx[0].tolist() == [0, 2, 6, 1, 3, 5]
+    torch.testing.assert_close(out.x[0, 3], (x[0, 1] + x[0, 4]) / 2)
+    assert out.size[0, :, 0].tolist() == [1, 1, 1, 2, 1, 1]
+
+
+def test_tome_merges_at_most_half_per_layer():
+    out = tome(random_tokens(1, 11, 4), torch.randn(1, 11, 4), 100)
+    assert out.x.shape[1] == 11 - 5  # (N - 1) // 2 = 5
+
+
+def test_proportional_attention_equals_attention_over_duplicated_tokens():
+    """log(size) in the logits: a token of size 2 weighs like two copies of itself."""
+    attn_mod = Attention(backbone_config('vit_tiny_patch16_224', embed_dim=48, num_heads=3))
+    x = torch.randn(1, 4, 48)
+    t = replace(random_tokens(1, 4, 48), x=x, size=torch.tensor([[[1.], [2.], [1.], [3.]]]))
+    out, _ = attn_mod(x, t.attn_bias())
+    dup, _ = attn_mod(x[:, [0, 1, 1, 2, 3, 3, 3]])
+    torch.testing.assert_close(out, dup[:, [0, 1, 3, 4]], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('keep', [0.1, 0.5, 0.7])
+@pytest.mark.parametrize('clc', [False, True])
+def test_tome_token_counts_follow_its_schedule_and_the_cap(keep, clc):
+    model = tiny(method='tome', keep=keep, clc=clc).eval()
+    with torch.no_grad():
+        _, seen = trace(model, torch.randn(2, 3, 32, 32))
+    n, targets, before = 65 + clc, [int(64 * keep ** (s + 1)) for s in range(3)], 64
+    for s, i in enumerate((3, 6, 9)):
+        r = min(before - targets[s], (n - 1) // 2)  # a fixed r per stage, at most half the tokens
+        n, before = n - r, targets[s]
+        assert seen[i][1].x.shape[1] == n
+        n += 6 * clc  # the recovered carriers
+        assert (seen[i][1].idx[:, 0] == 0).all()
+
+
+@pytest.mark.parametrize('method', ['patchmerger', 'sit'])
+@pytest.mark.parametrize('clc', [False, True])
+def test_pooling_methods_keep_cls_and_pool_into_the_scheduled_count(method, clc):
+    model = tiny(method=method, keep=0.1, clc=clc).eval()
+    with torch.no_grad():
+        _, seen = trace(model, torch.randn(2, 3, 32, 32))
+    for s, i in enumerate((3, 6, 9)):
+        k = max(1, int(64 * 0.1 ** (s + 1)))  # 6, then 0 -> floored at 1 (the reference pools into nothing)
+        out = seen[i][1]  # the block pools its input first, then runs on [CLS, k pooled tokens]
+        assert out.x.shape[1] == 1 + k and (out.idx[:, 0] == 0).all() and (out.idx[:, 1:] == -1).all()
+
+
+def test_pooled_tokens_are_convex_combinations():
+    from reduce import PatchMerger, SiT
+    v = torch.randn(8)
+    t = Tokens(x=torch.cat([torch.zeros(2, 1, 8), v.expand(2, 5, 8)], 1), idx=torch.arange(6).expand(2, -1))
+    sit = SiT(8, 3)(t, None)
+    torch.testing.assert_close(sit.x[:, 1:], v.expand(2, 3, 8))  # averages of equal tokens
+    assert torch.equal(sit.x[:, 0], t.x[:, 0]) and sit.idx[:, 0].tolist() == [0, 0]  # CLS passes untouched
+    pm = PatchMerger(8, 3)
+    torch.testing.assert_close(pm(t, None).x[:, 1:], pm.norm(v).expand(2, 3, 8))  # of the normalised tokens
