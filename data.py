@@ -64,7 +64,7 @@ def find_samples(root: Path, split: str, image_dir: str = 'images'):
     (c) one folder per class."""
     csv_file = root / {'train': 'train_val.csv', 'test': 'test.csv'}[split]
     if csv_file.is_file():  # (a) columns class_id (0-based), dir (relative to the image folder)
-        with open(csv_file, newline='') as f:
+        with open(csv_file, newline='', encoding='utf-8-sig') as f:
             reader = csv.DictReader(f)
             if not {'class_id', 'dir'} <= set(reader.fieldnames or ()):
                 raise DatasetError(f'{csv_file}: expected columns class_id,dir, found {",".join(reader.fieldnames or [])}')
@@ -99,10 +99,11 @@ def _label(text, where) -> int:
         raise DatasetError(f'{where}: label {text!r} is not an integer') from None
 
 
-def build_dataset(name: str, split: str, img_size: int, data_dir=None, mean=None, std=None):
-    """Returns (dataset, num_classes). `mean`/`std` default to ImageNet's (the reference's choice)."""
+def build_dataset(name: str, split: str, img_size: int, data_dir=None, mean=None, std=None, augment=None):
+    """Returns (dataset, num_classes). `mean`/`std` default to ImageNet's (the reference's choice);
+    `augment` (default: for the train split) picks the training transforms."""
     mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
-    tf = transforms(img_size, split == 'train', mean, std)
+    tf = transforms(img_size, split == 'train' if augment is None else augment, mean, std)
     if name == 'leaves':
         ds = Leaves(split, img_size, tf)
         return ds, ds.num_classes
@@ -113,6 +114,8 @@ def build_dataset(name: str, split: str, img_size: int, data_dir=None, mean=None
         raise DatasetError(f'dataset folder {root} does not exist: pass --data-dir, or put the {name} data there '
                            '(get it from the UFG benchmark, Yu et al., ICCV 2021; README: Data)')
     samples, seen = find_samples(root, split, UFG.get(name, (0, 'images'))[1])
+    if name not in UFG and split != 'train':  # a folder's classes are those of its training split
+        seen = max(seen, find_samples(root, 'train', 'images')[1])
     num_classes = UFG[name][0] if name in UFG else seen
     if not samples:
         raise DatasetError(f'the {split} split in {root} has no images')

@@ -9,6 +9,7 @@
 import argparse
 import itertools
 import os
+import re
 import resource
 import statistics
 import sys
@@ -88,7 +89,10 @@ def build(args, checkpoint=None):
     settings.setdefault('img_size', 448)
     model = create_model(num_classes=num_classes, **settings)
     if sd is not None:
-        load_weights(model, sd, verbose=False)
+        missing, _ = load_weights(model, sd, verbose=False)
+        if missing:  # a model flag that contradicts the checkpoint would leave these random
+            raise CheckpointError(f'{checkpoint} has no weights for {", ".join(missing[:4])}: drop the model flags '
+                                  'that differ from the settings it was trained with')
     return model
 
 
@@ -124,7 +128,7 @@ def tokens_per_stage(cfg) -> str:
 def cost_row(model, args, device, amp) -> dict:
     params = sum(p.numel() for p in model.parameters()) / 1e6
     macs = gmacs(model)
-    model.to(device)
+    model.to(device).eval()
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     ips = speed(torch.compile(model) if args.compile else model, args.batch_size, device, amp)
@@ -194,7 +198,8 @@ def main(argv=None):
     try:
         run(args, device, amp)
     except (DatasetError, CheckpointError, ValueError) as e:
-        sys.exit(f'error: {str(e).strip().splitlines()[-1].split("Error: ")[-1]}')
+        # a DataLoader worker wraps the error in its traceback: keep the last line, without the class name
+        sys.exit('error: ' + re.sub(r'^[\w.]+Error: ', '', str(e).strip().splitlines()[-1]))
 
 
 def test_set(args, model, checkpoint=None):
@@ -203,7 +208,8 @@ def test_set(args, model, checkpoint=None):
     saved = raw.get('args') if isinstance(raw.get('args'), dict) else {}
     name = args.dataset or saved.get('dataset', 'leaves')
     data_dir = args.data_dir or (saved.get('data_dir') if name == saved.get('dataset') else None)
-    dataset, num_classes = build_dataset(name, args.split, model.cfg.img_size, data_dir)
+    stats = (model.cfg.mean, model.cfg.std) if saved.get('norm') == 'backbone' else (None, None)
+    dataset, num_classes = build_dataset(name, args.split, model.cfg.img_size, data_dir, *stats, augment=False)
     if num_classes != model.cfg.num_classes:
         raise DatasetError(f'{name} has {num_classes} classes but the model predicts {model.cfg.num_classes}: '
                            'pick the dataset the checkpoint was trained on')

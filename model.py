@@ -320,6 +320,8 @@ def open_checkpoint(source):
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f'{path}: refusing to unpickle it ({str(e).splitlines()[0]})') from None
+    except (RuntimeError, KeyError, EOFError, ValueError) as e:
+        raise CheckpointError(f'{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0][:120]})') from None
 
 
 def read_checkpoint(source) -> dict:

@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -69,7 +70,8 @@ def parse_args(argv=None):
     a('--resume', help='checkpoint to continue from, with the flags it was started with')
     args = p.parse_args(argv)
     if args.resume:
-        given = [x for x in (argv if argv is not None else sys.argv[1:]) if x.startswith('--') and x != '--resume']
+        given = [x for x in (argv if argv is not None else sys.argv[1:])
+                 if x.startswith('--') and x.split('=')[0] != '--resume']
         if given:
             p.error(f'--resume continues a run with the flags saved in its checkpoint: drop {" ".join(given)}')
         return args
@@ -117,7 +119,10 @@ def param_groups(model, weight_decay):
 def save_checkpoint(obj, path: Path):
     """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
     tmp = path.with_suffix('.tmp')
-    torch.save(obj, tmp)
+    with open(tmp, 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -147,6 +152,8 @@ def train(args):
     ckpt = None
     if args.resume:
         ckpt = open_checkpoint(args.resume)
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get('args'), dict):
+            raise CheckpointError(f'{args.resume} was not written by train.py: --resume continues its own runs only')
         args = argparse.Namespace(**{**ckpt['args'], 'resume': args.resume})
     say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
@@ -156,8 +163,9 @@ def train(args):
     mean, std = (stats.mean, stats.std) if stats else (None, None)
     train_set, num_classes = build_dataset(args.dataset, 'train', args.img_size, args.data_dir, mean, std)
     test_set, _ = build_dataset(args.dataset, 'test', args.img_size, args.data_dir, mean, std)
-    if args.batch_size % world:
-        raise DatasetError(f'--batch-size {args.batch_size} does not split evenly over {world} processes')
+    if args.batch_size % world or (args.cla and args.batch_size // world < 2):
+        raise DatasetError(f'--batch-size {args.batch_size} must split evenly over {world} processes, at least 2 '
+                           'images each (the CLA head uses BatchNorm)')
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed, drop_last=True)
     loader_gen = torch.Generator()
     kw = dict(num_workers=args.workers, pin_memory=device.type == 'cuda', persistent_workers=False)
@@ -213,6 +221,7 @@ def train(args):
         sampler.set_epoch(epoch)
         net.train()
         seen, loss_sum, correct, t0 = 0, 0.0, 0, time.perf_counter()
+        kept = f'the last good checkpoint is {out / "last.pt"}' if epoch else 'no checkpoint was written'
         bar = tqdm(train_loader, desc=f'epoch {epoch + 1}/{args.epochs}', leave=False, disable=rank != 0)
         for images, labels in bar:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -225,9 +234,8 @@ def train(args):
             if world > 1:  # every process sees the same verdict, so all of them stop together
                 dist.all_reduce(check)
             if not torch.isfinite(check):
-                raise FloatingPointError(
-                    f'the loss became {check.item()} in epoch {epoch + 1}; the last good checkpoint is '
-                    f'{out / "last.pt"}: lower --lr, or set --clip-grad 1.0')
+                raise FloatingPointError(f'the loss became {check.item()} in epoch {epoch + 1}; {kept}: '
+                                         'lower --lr, or set --clip-grad 1.0')
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if args.clip_grad > 0:
@@ -244,6 +252,9 @@ def train(args):
             dist.all_reduce(totals)
         elapsed = time.perf_counter() - t0
         test = evaluate(net, test_loader, device, amp, world)
+        if not math.isfinite(test['test_loss']):  # the weights broke in the last step: keep the last good file
+            raise FloatingPointError(f'the test loss became {test["test_loss"]} after epoch {epoch + 1}; {kept}: '
+                                     'lower --lr, or set --clip-grad 1.0')
         metrics = dict(epoch=epoch + 1, lr=lr, train_loss=(totals[0] / totals[2]).item(),
                        train_top1=(100 * totals[1] / totals[2]).item(), **test,
                        images_per_s=totals[2].item() / elapsed, seconds=elapsed)
@@ -266,7 +277,8 @@ def main(argv=None):
     try:
         return train(args)
     except (DatasetError, CheckpointError, FloatingPointError) as e:
-        sys.exit(f'error: {str(e).strip().splitlines()[-1].split("Error: ")[-1]}')
+        # a DataLoader worker wraps the error in its traceback: keep the last line, without the class name
+        sys.exit('error: ' + re.sub(r'^[\w.]+Error: ', '', str(e).strip().splitlines()[-1]))
 
 
 if __name__ == '__main__':

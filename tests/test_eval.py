@@ -63,6 +63,18 @@ def test_cost_reports_gmacs_params_speed_and_memory(capsys):
     assert 'tokens per stage 18>17>16>16' in out
 
 
+def test_cost_times_the_model_in_eval_mode(capsys):
+    evaluation.main(['--cost', '--backbone', 'vit_tiny_patch8_224', '--img-size', '32', '--method', 'evit',
+                     '--keep', '0.5', '--clc', '--cla', '--num-classes', '10', '--batch-size', '1'])
+    assert 'images/s (batch 1' in capsys.readouterr().out  # BatchNorm of the CLA head in training mode would fail
+
+
+def test_model_flags_that_contradict_a_checkpoint_are_refused(tmp_path):
+    official_checkpoint(tmp_path / 'clca.pth')
+    with pytest.raises(SystemExit, match='has no weights for .*drop the model flags'):
+        evaluation.main(['--checkpoint', str(tmp_path / 'clca.pth'), '--no-cla', '--dataset', 'leaves'])
+
+
 def test_sweep_prints_one_row_per_method_keep_and_clca(capsys):
     evaluation.main(['--sweep', '--methods', 'none', 'evit', 'topk', '--keeps', '0.25', '0.5',
                      '--backbone', 'vit_tiny_patch8_224', '--img-size', '64', '--batch-size', '2'])

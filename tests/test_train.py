@@ -70,9 +70,15 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     assert torch.load(tmp_path / 'last.pt', weights_only=True)['epoch'] == 1
 
 
-def test_resuming_a_missing_checkpoint_is_one_clear_error(tmp_path):
+def test_resuming_a_missing_corrupt_or_foreign_checkpoint_is_one_clear_error(tmp_path):
     with pytest.raises(SystemExit, match='checkpoint not found'):
-        train.main(['--resume', str(tmp_path / 'nope.pt')])
+        train.main([f'--resume={tmp_path / "nope.pt"}'])
+    (tmp_path / 'bad.pt').write_bytes(b'PK\x03\x04 garbage')
+    with pytest.raises(SystemExit, match='not a readable PyTorch checkpoint'):
+        train.main(['--resume', str(tmp_path / 'bad.pt')])
+    torch.save({'model': {}}, tmp_path / 'timm.pt')
+    with pytest.raises(SystemExit, match='was not written by train.py'):
+        train.main(['--resume', str(tmp_path / 'timm.pt')])
 
 
 @pytest.mark.parametrize('argv,match', [
