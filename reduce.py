@@ -7,8 +7,8 @@ Every method plugs into the ViT through one interface, a `Reducer` module per re
 `tokens` is a `Tokens` record (the features plus, per token, where it came from). A reducer with
 `before_block = False` runs inside the block, after attention and before the MLP, and receives
 that block's attention inputs `qkv = (q, k, v)`, each (B, heads, N, head_dim): attention ran on
-all N tokens, the MLP runs only on the survivors (EViT, Top-K). A reducer with
-`before_block = True` runs on the block's input and receives `qkv = None`.
+all N tokens, the MLP runs only on the survivors (EViT, Top-K, ToMe). A reducer with
+`before_block = True` runs on the block's input and receives `qkv = None` (PatchMerger, SiT).
 
 The CLS token is always position 0 and is never removed. The keep rule differs per method in the
 reference code; each reducer's docstring says which one it follows and why.
