@@ -228,7 +228,7 @@ class ViT(nn.Module):
             x = torch.cat([cls, x, *clr], 1) + self.pos_embed
         idx = torch.arange(x.shape[1], device=x.device)
         idx[1 + self.num_patches:] = -1  # CLR tokens are made tokens
-        return Tokens(x=self.norm_pre(x), idx=idx.expand(B, -1))
+        return Tokens(x=self.norm_pre(x), idx=idx.expand(B, -1), protected=self.num_clr)
 
     def carriers(self, x, n):
         """CLCA Sec. 2.2: one cache entry, [GAP of positions 1..n-1, the last num_clr tokens]."""
@@ -251,7 +251,8 @@ class ViT(nn.Module):
                     # caches that stale copy next, and so do we (the paper's figure shows it).
                     n = t.x.shape[1]
                     if cache:
-                        t, cache = t.append(torch.cat(cache, 1)), []
+                        carried = torch.cat(cache, 1)
+                        t, cache = replace(t.append(carried), protected=t.protected + carried.shape[1]), []
                 if i < self.recovery[-1]:
                     cache.append(self.carriers(t.x, n))
             if self.cfg.cla and i in self.cla_layers:

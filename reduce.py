@@ -8,7 +8,7 @@ Every method plugs into the ViT through one interface, a `Reducer` module per re
 `before_block = False` runs inside the block, after attention and before the MLP, and receives
 that block's attention inputs `qkv = (q, k, v)`, each (B, heads, N, head_dim): attention ran on
 all N tokens, the MLP runs only on the survivors (EViT, Top-K, ToMe). A reducer with
-`before_block = True` runs on the block's input and receives `qkv = None` (PatchMerger, SiT).
+`before_block = True` runs on the block's input and receives `qkv = None` (PatchMerger, SiT, DPC-KNN).
 
 The CLS token is always position 0 and is never removed. The keep rule differs per method in the
 reference code; each reducer's docstring says which one it follows and why.
@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-METHODS = ('none', 'evit', 'topk', 'tome', 'patchmerger', 'sit')
+METHODS = ('none', 'evit', 'topk', 'tome', 'patchmerger', 'sit', 'dpcknn')
 
 
 @dataclass
@@ -31,12 +31,13 @@ class Tokens:
     idx: torch.Tensor  # (B, N) position in the input sequence: 0 = CLS, 1..P = patches, -1 = made here
                        # (a CLR carrier, an EViT fused token, a token recovered from the cache)
     size: Optional[torch.Tensor] = None  # (B, N, 1) input tokens merged into each token (ToMe), else None
+    protected: int = 0  # trailing tokens that are CLR carriers or recovered from the cache (DPC-KNN skips them)
 
     def select(self, index: torch.Tensor) -> 'Tokens':
         """Keep the tokens at `index` (B, K), in that order."""
         x = self.x.gather(1, index.unsqueeze(-1).expand(-1, -1, self.x.shape[-1]))  # (B, K, D)
         size = None if self.size is None else self.size.gather(1, index.unsqueeze(-1))  # (B, K, 1)
-        return replace(self, x=x, idx=self.idx.gather(1, index), size=size)         # idx (B, K)
+        return replace(self, x=x, idx=self.idx.gather(1, index), size=size, protected=0)  # idx (B, K)
 
     def append(self, extra: torch.Tensor) -> 'Tokens':
         """Append made tokens `extra` (B, M, D) at the end of the sequence; each counts as one token."""
@@ -199,6 +200,59 @@ class SiT(Reducer):
         return pooled(t, weights @ x)                                           # (B, 1+K, D)
 
 
+@torch.no_grad()
+def dpc_knn(x: torch.Tensor, num_centers: int, k: int = 5):
+    """Density-peaks clustering with k nearest neighbours (TCFormer, Zeng et al., CVPR 2022).
+
+    x (B, N, C) -> (assignment (B, N) of each token to a cluster 0..K-1, centres (B, K) as token
+    indices). Density = exp(-mean squared distance to the k nearest tokens, itself included), with
+    1e-6 uniform noise against ties (as TCFormer, from the global RNG); delta = distance to the
+    nearest denser token (the largest distance for the densest); centres = top K of density * delta;
+    every token joins its nearest centre. Distances are divided by sqrt(C). k shrinks to N when
+    fewer tokens are left.
+    """
+    B, N, C = x.shape
+    dist = torch.cdist(x.float(), x.float()) / C ** 0.5                           # (B, N, N)
+    near = dist.topk(min(k, N), dim=-1, largest=False).values                     # (B, N, k)
+    density = (-(near ** 2).mean(-1)).exp()
+    density = density + torch.rand_like(density) * 1e-6                           # (B, N)
+    denser = density[:, None, :] > density[:, :, None]                            # (B, N, N) j denser than i
+    farthest = dist.flatten(1).max(-1).values[:, None, None]
+    delta = torch.where(denser, dist, farthest).min(-1).values                    # (B, N)
+    centres = (delta * density).topk(num_centers, dim=-1).indices                 # (B, K)
+    assign = dist.gather(1, centres.unsqueeze(-1).expand(-1, -1, N)).argmin(1)    # (B, N) nearest centre
+    assign.scatter_(1, centres, torch.arange(num_centers, device=x.device).expand(B, -1))  # centres: own cluster
+    return assign, centres
+
+
+class DPCKNN(Reducer):
+    """DPC-KNN token clustering (TCFormer's clustering and merging) before a block: the patch tokens
+    are clustered by `dpc_knn` into K clusters and each cluster becomes one token, the average of
+    its members weighted by exp(a learned score, Linear D -> 1), normalised per cluster. CLS stays
+    first; as in the CLCA code, the protected suffix (the CLR carriers and every token recovered
+    from the cache) is neither clustered nor merged and stays last. A merged token takes its
+    centre's `idx`."""
+    before_block = True
+
+    def __init__(self, dim: int, k: int):
+        super().__init__()
+        self.k = k
+        self.score = nn.Linear(dim, 1)
+
+    def forward(self, t: Tokens, qkv) -> Tokens:
+        end = t.x.shape[1] - t.protected
+        x = t.x[:, 1:end]                                                          # (B, M, D) clustered
+        B, M, D = x.shape
+        assign, centres = dpc_knn(x, min(self.k, M))
+        K = centres.shape[1]
+        weight = self.score(x).exp()                                               # (B, M, 1)
+        total = weight.new_zeros(B, K, 1).scatter_add(1, assign.unsqueeze(-1), weight) + 1e-6
+        weight = weight / total.gather(1, assign.unsqueeze(-1))                    # sums to 1 per cluster
+        merged = x.new_zeros(B, K, D).scatter_add(1, assign.unsqueeze(-1).expand(-1, -1, D), x * weight)
+        idx = torch.cat([t.idx[:, :1], t.idx[:, 1:end].gather(1, centres), t.idx[:, end:]], 1)
+        return replace(t, x=torch.cat([t.x[:, :1], merged, t.x[:, end:]], 1), idx=idx)
+
+
 def build_reducers(method: str, keep: tuple, num_loc: int, num_patches: int, dim: int) -> nn.ModuleList:
     """The reducers for `num_loc` locations (stage s = 0, 1, ...); empty when nothing is reduced.
 
@@ -217,5 +271,5 @@ def build_reducers(method: str, keep: tuple, num_loc: int, num_patches: int, dim
     if method == 'tome':  # a fixed number merged per stage, whatever CLC added (the reference's rule)
         return nn.ModuleList(ToMe(b - a) for b, a in zip([num_patches] + targets[:-1], targets))
     # Deliberate deviation (DESIGN Sec. 10): at least one token, where the reference pools into none
-    pool = {'patchmerger': PatchMerger, 'sit': SiT}[method]
+    pool = {'patchmerger': PatchMerger, 'sit': SiT, 'dpcknn': DPCKNN}[method]
     return nn.ModuleList(pool(dim, max(1, k)) for k in targets)

@@ -190,3 +190,37 @@ def test_pooled_tokens_are_convex_combinations():
     assert torch.equal(sit.x[:, 0], t.x[:, 0]) and sit.idx[:, 0].tolist() == [0, 0]  # CLS passes untouched
     pm = PatchMerger(8, 3)
     torch.testing.assert_close(pm(t, None).x[:, 1:], pm.norm(v).expand(2, 3, 8))  # of the normalised tokens
+
+
+def test_dpc_knn_finds_separated_clusters_and_centres_join_their_own():
+    from reduce import dpc_knn
+    blobs = torch.tensor([[0., 0.], [10., 0.], [0., 10.]])
+    x = (blobs.repeat_interleave(6, 0) + 0.1 * torch.randn(18, 2))[None]   # 3 blobs of 6 tokens
+    assign, centres = dpc_knn(x, 3)
+    groups = assign[0].view(3, 6)
+    assert all(len(set(g.tolist())) == 1 for g in groups) and len(set(groups[:, 0].tolist())) == 3
+    assert (assign[0, centres[0]] == torch.arange(3)).all()
+
+
+def test_dpcknn_merges_the_patches_and_never_touches_the_protected_suffix():
+    from reduce import DPCKNN
+    B, D = 2, 8
+    x = torch.randn(B, 1 + 10 + 3, D)
+    t = Tokens(x=x, idx=torch.cat([torch.arange(11), torch.full((3,), -1)]).expand(B, -1), protected=3)
+    out = DPCKNN(D, 4)(t, None)
+    assert out.x.shape == (B, 1 + 4 + 3, D) and out.protected == 3
+    assert torch.equal(out.x[:, 0], x[:, 0]) and torch.equal(out.x[:, -3:], x[:, -3:])
+    assert (out.idx[:, 1:5] >= 1).all() and (out.idx[:, -3:] == -1).all()
+    same = replace(t, x=torch.cat([x[:, :1], x[:, 1:2].expand(B, 10, D), x[:, -3:]], 1))
+    torch.testing.assert_close(DPCKNN(D, 4)(same, None).x[:, 1:5], x[:, 1:2].expand(B, 4, D), atol=1e-4, rtol=1e-4)
+
+
+def test_dpcknn_with_clc_protects_clr_and_every_recovered_token():
+    model = tiny(method='dpcknn', keep=0.25, clc=True).eval()
+    with torch.no_grad():
+        _, seen = trace(model, torch.randn(2, 3, 32, 32))
+    for i, protected in ((3, 1), (6, 1 + 6), (9, 1 + 12)):  # CLR, then 6 more per recovery
+        block_in, block_out = seen[i]
+        assert block_in.protected == protected
+        k = max(1, int(64 * 0.25 ** ((3, 6, 9).index(i) + 1)))
+        assert block_out.x.shape[1] == 1 + k + protected
