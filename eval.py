@@ -25,7 +25,7 @@ from model import ViT, CheckpointError, create_model, gmacs, load_weights, open_
 from reduce import METHODS
 
 # the paper's code names a model '<method>_<timm name>' (e.g. evit_vit_base_patch16_clip_224.laion2b)
-OFFICIAL_METHODS = {m: m for m in ('evit', 'topk', 'tome', 'patchmerger', 'sit', 'dpcknn')}
+OFFICIAL_METHODS = {m: m for m in ('evit', 'topk', 'tome', 'patchmerger', 'sit', 'dpcknn')} | {'dyvit': 'dynamicvit'}
 
 
 def split_for_rank(dataset, rank: int, world: int):

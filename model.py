@@ -117,13 +117,22 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
 
-    def forward(self, x, bias=None):
+    def forward(self, x, bias=None, policy=None):
         """Returns the attention output (B, N, D) and its inputs (q, k, v), each (B, H, N, D/H),
-        which a reducer inside the block reads its scores from. `bias` is added to the logits."""
+        which a reducer inside the block reads its scores from. `bias` is added to the logits;
+        `policy` (B, N, 1), DynamicViT's training decisions, hides dropped keys."""
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)  # (B, N, 3, H, D/H)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                           # 3 x (B, H, N, D/H)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)            # fused kernel
+        if policy is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)        # fused kernel
+        else:  # DynamicViT, training only: the mask must pass gradients to the decisions, so it
+            # multiplies the exponentials, each token always sees itself, and eps keeps rows finite
+            logits = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5               # (B, H, N, N)
+            keep = policy.view(B, 1, 1, N)
+            keep = keep + (1 - keep) * torch.eye(N, device=x.device, dtype=keep.dtype)
+            attn = (logits - logits.amax(-1, keepdim=True)).float().exp() * keep.float()
+            out = ((attn + 1e-6 / N) / (attn.sum(-1, keepdim=True) + 1e-6)).to(v.dtype) @ v
         return self.proj(out.transpose(1, 2).reshape(B, N, D)), (q, k, v)
 
 
@@ -158,7 +167,7 @@ class Block(nn.Module):
     def forward(self, t: Tokens, reducer=None) -> Tokens:
         if reducer is not None and reducer.before_block:
             t = reducer(t, None)
-        out, qkv = self.attn(self.norm1(t.x), t.attn_bias())
+        out, qkv = self.attn(self.norm1(t.x), t.attn_bias(), t.decision if self.training else None)
         t = replace(t, x=t.x + self.ls1(out))
         if reducer is not None and not reducer.before_block:
             t = reducer(t, qkv)  # attention saw all N tokens, the MLP sees the survivors only
@@ -179,7 +188,7 @@ class ViT(nn.Module):
         self.clr = nn.Parameter(torch.zeros(1, self.num_clr, D)) if self.num_clr else None
         self.norm_pre = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
-        self.reducers = build_reducers(cfg.method, cfg.keep, len(cfg.loc), P, D)
+        self.reducers = build_reducers(cfg.method, cfg.keep, len(cfg.loc), P, D, cfg.clc)
         self.stage = {i: s for s, i in enumerate(cfg.loc)} if len(self.reducers) else {}
         # CLCA Sec. 2.2: recover after every reduction, and once more at depth - 2
         self.recovery = sorted(set(cfg.loc) | ({cfg.depth - 2} if cfg.clc_last else set()))
@@ -238,7 +247,8 @@ class ViT(nn.Module):
         return torch.cat(parts, 1)
 
     def forward(self, images):
-        """images (B, 3, S, S) -> logits (B, num_classes)."""
+        """images (B, 3, S, S) -> logits (B, num_classes); in training, for a method with an auxiliary
+        loss (DynamicViT), (logits, aux_loss)."""
         t = self.embed(images)
         cache, cls_feats = [], []
         n = 1 + self.num_patches  # GAP covers positions 1..n-1: the patches until the first recovery
@@ -252,14 +262,16 @@ class ViT(nn.Module):
                     n = t.x.shape[1]
                     if cache:
                         carried = torch.cat(cache, 1)
-                        t, cache = replace(t.append(carried), protected=t.protected + carried.shape[1]), []
+                        # DynamicViT's reference counts recovered tokens as kept in training, as
+                        # dropped in the global pooling of its eval-time predictor
+                        t = t.append(carried, decision=float(self.training))
+                        t, cache = replace(t, protected=t.protected + carried.shape[1]), []
                 if i < self.recovery[-1]:
                     cache.append(self.carriers(t.x, n))
             if self.cfg.cla and i in self.cla_layers:
                 cls_feats.append(t.x[:, 0])  # the raw residual stream, no LayerNorm
-        if self.cfg.cla:
-            return self.ifa_head(torch.stack(cls_feats, -1))  # (B, D, g) -> (B, num_classes)
-        return self.head(self.norm(t.x[:, 0]))
+        logits = self.ifa_head(torch.stack(cls_feats, -1)) if self.cfg.cla else self.head(self.norm(t.x[:, 0]))
+        return (logits, t.aux) if self.training and any(r.has_aux for r in self.reducers) else logits
 
 
 def create_model(backbone: str, num_classes: int, img_size: int = 224, method: str = 'none', keep=1.0,

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-METHODS = ('none', 'evit', 'topk', 'tome', 'patchmerger', 'sit', 'dpcknn')
+METHODS = ('none', 'evit', 'topk', 'tome', 'patchmerger', 'sit', 'dpcknn', 'dynamicvit')
 
 
 @dataclass
@@ -32,18 +32,23 @@ class Tokens:
                        # (a CLR carrier, an EViT fused token, a token recovered from the cache)
     size: Optional[torch.Tensor] = None  # (B, N, 1) input tokens merged into each token (ToMe), else None
     protected: int = 0  # trailing tokens that are CLR carriers or recovered from the cache (DPC-KNN skips them)
+    decision: Optional[torch.Tensor] = None  # (B, N, 1) DynamicViT's keep decisions (1 kept, 0 dropped), else None
+    aux: torch.Tensor | float = 0.0  # auxiliary training loss added by the reducers (DynamicViT's ratio loss)
 
     def select(self, index: torch.Tensor) -> 'Tokens':
         """Keep the tokens at `index` (B, K), in that order."""
         x = self.x.gather(1, index.unsqueeze(-1).expand(-1, -1, self.x.shape[-1]))  # (B, K, D)
-        size = None if self.size is None else self.size.gather(1, index.unsqueeze(-1))  # (B, K, 1)
-        return replace(self, x=x, idx=self.idx.gather(1, index), size=size, protected=0)  # idx (B, K)
+        pick = lambda v: None if v is None else v.gather(1, index.unsqueeze(-1))  # (B, K, 1)
+        return replace(self, x=x, idx=self.idx.gather(1, index), size=pick(self.size), decision=pick(self.decision),
+                       protected=0)
 
-    def append(self, extra: torch.Tensor) -> 'Tokens':
-        """Append made tokens `extra` (B, M, D) at the end of the sequence; each counts as one token."""
+    def append(self, extra: torch.Tensor, decision: float = 1.0) -> 'Tokens':
+        """Append made tokens `extra` (B, M, D) at the end of the sequence; each counts as one token,
+        and as `decision` for DynamicViT."""
         made = self.idx.new_full(extra.shape[:2], -1)  # (B, M)
-        size = None if self.size is None else torch.cat([self.size, self.size.new_ones(*extra.shape[:2], 1)], 1)
-        return replace(self, x=torch.cat([self.x, extra], 1), idx=torch.cat([self.idx, made], 1), size=size)
+        pad = lambda v, value: None if v is None else torch.cat([v, v.new_full((*extra.shape[:2], 1), value)], 1)
+        return replace(self, x=torch.cat([self.x, extra], 1), idx=torch.cat([self.idx, made], 1),
+                       size=pad(self.size, 1.0), decision=pad(self.decision, decision))
 
     def attn_bias(self) -> Optional[torch.Tensor]:
         """Added to the attention logits: log(size), ToMe's proportional attention. (B, 1, 1, N) or None."""
@@ -125,8 +130,10 @@ def tome(t: Tokens, metric: torch.Tensor, r: int) -> Tokens:
 
 
 class Reducer(nn.Module):
-    """One reduction location. Subclasses set `before_block` and implement forward(tokens, qkv)."""
+    """One reduction location. Subclasses set `before_block` and implement forward(tokens, qkv);
+    `has_aux` marks a method that adds an auxiliary loss to `tokens.aux` in training."""
     before_block = False
+    has_aux = False
 
 
 class EViT(Reducer):
@@ -253,7 +260,52 @@ class DPCKNN(Reducer):
         return replace(t, x=torch.cat([t.x[:, :1], merged, t.x[:, end:]], 1), idx=idx)
 
 
-def build_reducers(method: str, keep: tuple, num_loc: int, num_patches: int, dim: int) -> nn.ModuleList:
+class DynamicViT(Reducer):
+    """DynamicViT (Rao et al., NeurIPS 2021) before a block: a predictor scores keep / drop for every
+    non-CLS token. LayerNorm -> Linear D->D -> GELU; the first half of the channels stays per token,
+    the second half becomes the mean over the currently kept tokens (plus 1e-6 after the division,
+    as in the reference); then Linear D->D/2 -> GELU -> D/2->D/4 -> GELU -> D/4->2 -> log-softmax.
+
+    Training: hard Gumbel-softmax decisions, multiplied by the earlier ones, go to `tokens.decision`;
+    nothing is removed, later attention only reaches kept tokens (model.Attention), and the ratio
+    loss 2 * mean over stages of mean over images (kept fraction - target)^2 goes to `tokens.aux`
+    (the fraction counts every non-CLS token, CLR and recovered carriers included, as the
+    reference does). Eval: the top-scoring tokens are really kept, int(P * target) of them, or with
+    CLC, as the CLCA code does, int((N - 2) * keep of the first stage) of the current N; at least one
+    (DESIGN Sec. 10). The paper's variant adds distillation losses; the CLCA code does not.
+    """
+    before_block = True
+    has_aux = True
+
+    def __init__(self, dim: int, target: float, num_patches: int, clc_rate: Optional[float], weight: float):
+        super().__init__()
+        self.target, self.num_patches, self.clc_rate, self.weight = target, num_patches, clc_rate, weight
+        self.in_conv = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
+        self.out_conv = nn.Sequential(nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim // 4), nn.GELU(),
+                                      nn.Linear(dim // 4, 2), nn.LogSoftmax(dim=-1))
+
+    def predict(self, x: torch.Tensor, decision: torch.Tensor) -> torch.Tensor:
+        """x (B, M, D), decision (B, M, 1) -> log-probabilities (B, M, 2) of [keep, drop]."""
+        h = self.in_conv(x)
+        local, glob = h.chunk(2, dim=-1)                                                   # 2 x (B, M, D/2)
+        glob = (glob * decision).sum(1, keepdim=True) / decision.sum(1, keepdim=True) + 1e-6  # (B, 1, D/2)
+        return self.out_conv(torch.cat([local, glob.expand_as(local)], -1))
+
+    def forward(self, t: Tokens, qkv) -> Tokens:
+        B, N, _ = t.x.shape
+        decision = t.decision if t.decision is not None else t.x.new_ones(B, N, 1)
+        logp = self.predict(t.x[:, 1:], decision[:, 1:])                                   # (B, N-1, 2)
+        if self.training:
+            keep = F.gumbel_softmax(logp, hard=True)[..., :1] * decision[:, 1:]           # (B, N-1, 1)
+            ratio_loss = ((keep.flatten(1).mean(1) - self.target) ** 2).mean()
+            return replace(t, decision=torch.cat([decision[:, :1], keep], 1), aux=t.aux + self.weight * ratio_loss)
+        count = int((N - 2) * self.clc_rate) if self.clc_rate else int(self.num_patches * self.target)
+        top = logp[..., 0].argsort(1, descending=True)[:, :max(1, count)]                 # (B, K) best first
+        return t.select(torch.cat([torch.zeros_like(top[:, :1]), top + 1], 1))
+
+
+def build_reducers(method: str, keep: tuple, num_loc: int, num_patches: int, dim: int,
+                   clc: bool = False) -> nn.ModuleList:
     """The reducers for `num_loc` locations (stage s = 0, 1, ...); empty when nothing is reduced.
 
     `keep` has one rate or one per location; all rates 1.0 means no reduction. EViT and Top-K apply
@@ -270,6 +322,9 @@ def build_reducers(method: str, keep: tuple, num_loc: int, num_patches: int, dim
     targets = [int(num_patches * math.prod(keeps[:s + 1])) for s in range(num_loc)]
     if method == 'tome':  # a fixed number merged per stage, whatever CLC added (the reference's rule)
         return nn.ModuleList(ToMe(b - a) for b, a in zip([num_patches] + targets[:-1], targets))
+    if method == 'dynamicvit':  # training targets keep^(s+1); eval counts as the reference (see DynamicViT)
+        return nn.ModuleList(DynamicViT(dim, math.prod(keeps[:s + 1]), num_patches, keeps[0] if clc else None,
+                                        2.0 / num_loc) for s in range(num_loc))
     # Deliberate deviation (DESIGN Sec. 10): at least one token, where the reference pools into none
     pool = {'patchmerger': PatchMerger, 'sit': SiT, 'dpcknn': DPCKNN}[method]
     return nn.ModuleList(pool(dim, max(1, k)) for k in targets)

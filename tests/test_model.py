@@ -14,12 +14,15 @@ IMAGES = lambda n=2: torch.randn(n, 3, 32, 32)
 
 @pytest.mark.parametrize('backbone', ['vit_tiny_patch16_224', 'deit3_small_patch16_224',
                                       'vit_base_patch16_clip_224', 'vit_base_patch16_224_miil'])
-@pytest.mark.parametrize('method', ['none', 'evit', 'topk', 'tome', 'patchmerger', 'sit', 'dpcknn'])
+@pytest.mark.parametrize('method', ['none', 'evit', 'topk', 'tome', 'patchmerger', 'sit', 'dpcknn', 'dynamicvit'])
 @pytest.mark.parametrize('clc,cla', [(False, False), (True, False), (False, True), (True, True)])
 def test_every_switch_combination_gives_logits(backbone, method, clc, cla):
     model = tiny(backbone=backbone, method=method, keep=0.3, clc=clc, cla=cla)
     for training in (True, False):
         logits = model.train(training)(IMAGES())
+        if method == 'dynamicvit' and training:
+            logits, aux = logits
+            assert aux.ndim == 0 and torch.isfinite(aux)
         assert logits.shape == (2, 5) and torch.isfinite(logits).all()
 
 
@@ -128,11 +131,13 @@ def test_batched_eval_equals_one_image_at_a_time(method):
 @pytest.mark.parametrize('backbone,method', [('vit_tiny_patch16_224', 'evit'), ('deit3_small_patch16_224', 'evit'),
                                             ('vit_base_patch16_clip_224', 'evit'), ('vit_tiny_patch16_224', 'tome'),
                                             ('vit_tiny_patch16_224', 'patchmerger'), ('vit_tiny_patch16_224', 'sit'),
-                                            ('vit_tiny_patch16_224', 'dpcknn')])
+                                            ('vit_tiny_patch16_224', 'dpcknn'), ('vit_tiny_patch16_224', 'dynamicvit')])
 def test_a_training_step_reaches_every_trainable_parameter(backbone, method):
     model = tiny(backbone=backbone, method=method, keep=0.25, clc=True, cla=True).train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    F.cross_entropy(model(IMAGES(4)), torch.tensor([0, 1, 2, 3])).backward()
+    out = model(IMAGES(4))
+    logits, aux = out if method == 'dynamicvit' else (out, 0.0)  # DynamicViT adds its ratio loss in training
+    (F.cross_entropy(logits, torch.tensor([0, 1, 2, 3])) + aux).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     torch.optim.AdamW(model.parameters(), lr=1e-3).step()
@@ -288,7 +293,7 @@ def test_pretrained_tags_point_at_timm_files():
 
 
 @pytest.mark.parametrize('method,prefix', [('patchmerger', 'cluster_layers'), ('sit', 'cluster_layers'),
-                                           ('dpcknn', 'cluster_layers')])
+                                           ('dpcknn', 'cluster_layers'), ('dynamicvit', 'score_predictor')])
 def test_official_names_of_learned_reductions_load(method, prefix):
     src = tiny(method=method, keep=0.25, clc=True, cla=True)
     sd = {k.replace('reducers.', f'{prefix}.'): torch.randn_like(v) if v.is_floating_point() else v

@@ -224,3 +224,55 @@ def test_dpcknn_with_clc_protects_clr_and_every_recovered_token():
         assert block_in.protected == protected
         k = max(1, int(64 * 0.25 ** ((3, 6, 9).index(i) + 1)))
         assert block_out.x.shape[1] == 1 + k + protected
+
+
+def test_dynamicvit_masked_attention_equals_attention_over_the_kept_tokens():
+    attn_mod = Attention(backbone_config('vit_tiny_patch16_224', embed_dim=48, num_heads=3))
+    x = torch.randn(2, 7, 48)
+    policy = torch.tensor([1., 1, 0, 1, 0, 0, 1]).view(1, 7, 1).expand(2, -1, -1)
+    masked, _ = attn_mod(x, policy=policy)
+    kept = [0, 1, 3, 6]
+    alone, _ = attn_mod(x[:, kept])
+    torch.testing.assert_close(masked[:, kept], alone, atol=1e-5, rtol=1e-4)
+    dropped_alone, _ = attn_mod(x[:, [0, 1, 2, 3, 6]])  # a dropped token still attends to the kept ones and itself
+    torch.testing.assert_close(masked[:, 2], dropped_alone[:, 2], atol=1e-5, rtol=1e-4)
+
+
+def fixed_dynamicvit(monkeypatch, keep_scores):
+    """DynamicViT with fixed keep log-probs and noise-free hard decisions."""
+    from reduce import DynamicViT
+    reducer = DynamicViT(8, target=0.5, num_patches=6, clc_rate=None, weight=2.0)
+    logp = torch.stack([keep_scores, -keep_scores], -1).log_softmax(-1)
+    monkeypatch.setattr(reducer, 'predict', lambda x, d: logp.expand(x.shape[0], -1, -1))
+    monkeypatch.setattr(torch.nn.functional, 'gumbel_softmax',
+                        lambda l, hard: torch.nn.functional.one_hot(l.argmax(-1), 2).to(l.dtype))
+    return reducer
+
+
+def test_dynamicvit_training_mask_and_eval_removal_keep_the_same_tokens(monkeypatch):
+    scores = torch.tensor([2., -1, 3, -2, 1, -3])  # tokens 1, 3, 5 (positions after CLS) are kept
+    reducer = fixed_dynamicvit(monkeypatch, scores)
+    t = random_tokens(2, 7, 8)
+    trained = reducer.train()(t, None)
+    assert trained.x.shape == t.x.shape  # nothing removed in training
+    masked = trained.decision[0, :, 0].nonzero().flatten().tolist()
+    removed = reducer.eval()(t, None).idx[0].tolist()
+    assert sorted(removed) == masked == [0, 1, 3, 5]
+    assert trained.aux == pytest.approx(2.0 * (3 / 6 - 0.5) ** 2)
+
+
+def test_dynamicvit_ratio_loss_is_the_squared_gap_to_the_target(monkeypatch):
+    reducer = fixed_dynamicvit(monkeypatch, torch.tensor([1., 1, 1, 1, -1, -1]))  # keeps 4 of 6
+    assert reducer.train()(random_tokens(3, 7, 8), None).aux == pytest.approx(2.0 * (4 / 6 - 0.5) ** 2)
+
+
+@pytest.mark.parametrize('clc', [False, True])
+def test_dynamicvit_eval_counts(clc):
+    model = tiny(method='dynamicvit', keep=0.5, clc=clc).eval()
+    with torch.no_grad():
+        _, seen = trace(model, torch.randn(2, 3, 32, 32))
+    n = 65 + clc
+    for s, i in enumerate((3, 6, 9)):
+        k = int((n - 2) * 0.5) if clc else int(64 * 0.5 ** (s + 1))  # the reference's two rules
+        assert seen[i][1].x.shape[1] == 1 + k
+        n = 1 + k + 6 * clc

@@ -34,6 +34,12 @@ def test_one_epoch_on_the_embedded_data(tmp_path, capsys):
     assert [m['epoch'] for m in read_log(tmp_path)] == [1, 2]
 
 
+def test_dynamicvit_trains_with_its_ratio_loss_and_gradient_clipping(tmp_path):
+    metrics = train.main(FAST + ['--epochs', '1', '--method', 'dynamicvit', '--keep', '0.5', '--clip-grad', '1.0',
+                                 '--out', str(tmp_path)])
+    assert math.isfinite(metrics['train_loss']) and 0 <= metrics['top1'] <= 100
+
+
 def test_resume_continues_the_same_trajectory(tmp_path, monkeypatch):
     args = FAST + ['--epochs', '3', '--seed', '3']
     train.main(args + ['--out', str(tmp_path / 'straight')])
