@@ -25,7 +25,7 @@ from model import ViT, CheckpointError, create_model, gmacs, load_weights, open_
 from reduce import METHODS
 
 # the paper's code names a model '<method>_<timm name>' (e.g. evit_vit_base_patch16_clip_224.laion2b)
-OFFICIAL_METHODS = {m: m for m in ('evit', 'topk', 'tome', 'patchmerger', 'sit', 'dpcknn')} | {'dyvit': 'dynamicvit'}
+OFFICIAL_METHODS = {m: m for m in ('evit', 'topk', 'tome', 'ats', 'patchmerger', 'sit', 'dpcknn')} | {'dyvit': 'dynamicvit'}
 
 
 def split_for_rank(dataset, rank: int, world: int):
@@ -114,15 +114,19 @@ def speed(model, batch: int, device, amp: dict, warmup: int = 3, reps: int = 10)
 
 
 def tokens_per_stage(cfg) -> str:
-    """Sequence length entering the first block and after each reduction location, e.g. 786>86>16>9
-    (counted on the meta device: no memory, no compute)."""
-    with torch.device('meta'):
+    """Sequence length entering the first block and after each reduction location, e.g. 786>86>16>9,
+    counted on the meta device (no memory, no compute). ATS keeps a number of tokens that depends on
+    the image: its counts come from one random image and carry a '~'."""
+    varies = cfg.method == 'ats'
+    device = 'cpu' if varies else 'meta'
+    with torch.device(device):
         model = ViT(cfg).eval()
     lengths = []
     for i in [0] + [i + 1 for i in cfg.loc if i + 1 < cfg.depth]:
         model.blocks[i].register_forward_pre_hook(lambda m, a: lengths.append(a[0].x.shape[1]))
-    model(torch.empty(1, 3, cfg.img_size, cfg.img_size, device='meta'))
-    return '>'.join(map(str, lengths))
+    with torch.no_grad():
+        model(torch.randn(1, 3, cfg.img_size, cfg.img_size, device=device))
+    return '~' * varies + '>'.join(map(str, lengths))
 
 
 def cost_row(model, args, device, amp) -> dict:

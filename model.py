@@ -239,11 +239,11 @@ class ViT(nn.Module):
         idx[1 + self.num_patches:] = -1  # CLR tokens are made tokens
         return Tokens(x=self.norm_pre(x), idx=idx.expand(B, -1), protected=self.num_clr)
 
-    def carriers(self, x, n):
+    def carriers(self, t: Tokens, n):
         """CLCA Sec. 2.2: one cache entry, [GAP of positions 1..n-1, the last num_clr tokens]."""
-        parts = [x[:, 1:n].mean(1, keepdim=True)] if self.cfg.clc_gap else []  # (B, 1, D)
+        parts = [t.mean(1, n)] if self.cfg.clc_gap else []  # (B, 1, D), ATS's padding left out
         if self.num_clr:
-            parts.append(x[:, -self.num_clr:])                                  # (B, num_clr, D)
+            parts.append(t.x[:, -self.num_clr:])           # (B, num_clr, D)
         return torch.cat(parts, 1)
 
     def forward(self, images):
@@ -267,7 +267,7 @@ class ViT(nn.Module):
                         t = t.append(carried, decision=float(self.training))
                         t, cache = replace(t, protected=t.protected + carried.shape[1]), []
                 if i < self.recovery[-1]:
-                    cache.append(self.carriers(t.x, n))
+                    cache.append(self.carriers(t, n))
             if self.cfg.cla and i in self.cla_layers:
                 cls_feats.append(t.x[:, 0])  # the raw residual stream, no LayerNorm
         logits = self.ifa_head(torch.stack(cls_feats, -1)) if self.cfg.cla else self.head(self.norm(t.x[:, 0]))

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-METHODS = ('none', 'evit', 'topk', 'tome', 'patchmerger', 'sit', 'dpcknn', 'dynamicvit')
+METHODS = ('none', 'evit', 'topk', 'tome', 'ats', 'patchmerger', 'sit', 'dpcknn', 'dynamicvit')
 
 
 @dataclass
@@ -33,26 +33,40 @@ class Tokens:
     size: Optional[torch.Tensor] = None  # (B, N, 1) input tokens merged into each token (ToMe), else None
     protected: int = 0  # trailing tokens that are CLR carriers or recovered from the cache (DPC-KNN skips them)
     decision: Optional[torch.Tensor] = None  # (B, N, 1) DynamicViT's keep decisions (1 kept, 0 dropped), else None
+    mask: Optional[torch.Tensor] = None  # (B, N) bool, False for ATS's padding, else None
     aux: torch.Tensor | float = 0.0  # auxiliary training loss added by the reducers (DynamicViT's ratio loss)
 
     def select(self, index: torch.Tensor) -> 'Tokens':
         """Keep the tokens at `index` (B, K), in that order."""
         x = self.x.gather(1, index.unsqueeze(-1).expand(-1, -1, self.x.shape[-1]))  # (B, K, D)
         pick = lambda v: None if v is None else v.gather(1, index.unsqueeze(-1))  # (B, K, 1)
+        mask = None if self.mask is None else self.mask.gather(1, index)         # (B, K)
         return replace(self, x=x, idx=self.idx.gather(1, index), size=pick(self.size), decision=pick(self.decision),
-                       protected=0)
+                       mask=mask, protected=0)
 
     def append(self, extra: torch.Tensor, decision: float = 1.0) -> 'Tokens':
         """Append made tokens `extra` (B, M, D) at the end of the sequence; each counts as one token,
         and as `decision` for DynamicViT."""
         made = self.idx.new_full(extra.shape[:2], -1)  # (B, M)
         pad = lambda v, value: None if v is None else torch.cat([v, v.new_full((*extra.shape[:2], 1), value)], 1)
+        mask = None if self.mask is None else F.pad(self.mask, (0, extra.shape[1]), value=True)
         return replace(self, x=torch.cat([self.x, extra], 1), idx=torch.cat([self.idx, made], 1),
-                       size=pad(self.size, 1.0), decision=pad(self.decision, decision))
+                       size=pad(self.size, 1.0), decision=pad(self.decision, decision), mask=mask)
 
     def attn_bias(self) -> Optional[torch.Tensor]:
-        """Added to the attention logits: log(size), ToMe's proportional attention. (B, 1, 1, N) or None."""
+        """Added to the attention logits, (B, 1, 1, N) or None: log(size), ToMe's proportional
+        attention, and -inf on ATS's padding, which no token may attend to."""
+        if self.mask is not None:
+            return torch.zeros_like(self.mask, dtype=self.x.dtype).masked_fill(~self.mask, -math.inf)[:, None, None]
         return None if self.size is None else self.size.log().to(self.x.dtype).transpose(1, 2).unsqueeze(1)
+
+    def mean(self, start: int, end: int) -> torch.Tensor:
+        """Mean of the tokens at positions start..end-1, padding left out: (B, 1, D)."""
+        x = self.x[:, start:end]
+        if self.mask is None:
+            return x.mean(1, keepdim=True)
+        valid = self.mask[:, start:end, None].to(x.dtype)                               # (B, M, 1)
+        return (x * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1)
 
 
 def cls_attention(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -168,6 +182,53 @@ class ToMe(Reducer):
 def pooled(t: Tokens, merged: torch.Tensor) -> Tokens:
     """[CLS, merged tokens]: the output of the methods that pool all non-CLS tokens into K new ones."""
     return Tokens(x=torch.cat([t.x[:, :1], merged], 1), idx=F.pad(t.idx[:, :1], (0, merged.shape[1]), value=-1))
+
+
+def ats(t: Tokens, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_samples: int) -> Tokens:
+    """Adaptive Token Sampling (Fayyaz et al., ECCV 2022), inside a block.
+
+    Significance of token j = sum over heads of (CLS attention to j) * ||v_j||, normalised to sum 1.
+    Its cumulative sum is inverted at K fixed points (2i + 1) / (2(K + 1)), i = 0..K-1: each point
+    takes the token whose cumulative score is nearest. Points that land on the same token collapse,
+    so images keep different numbers of tokens (in position order, CLS first); the batch is padded
+    to its largest count with copies of CLS, marked in `t.mask` so that later attention, cache
+    averages and samplings ignore them. Padding is never sampled (the reference shifts its
+    cumulative score by 0.1 instead, which can still pick it once the cache appends tokens behind
+    it, and it averages padding into its cache tokens; both would make a batch differ from its
+    images one at a time). The block's attention ran on all rows; only the sampled rows go on.
+    """
+    B, H, N, _ = q.shape
+    logits = q[:, :, :1] @ k.transpose(-2, -1) * q.shape[-1] ** -0.5                      # (B, H, 1, N)
+    bias = t.attn_bias()
+    cls_attn = (logits if bias is None else logits + bias).float().softmax(-1)[:, :, 0, 1:]  # (B, H, N-1)
+    score = (cls_attn * v[:, :, 1:].float().norm(dim=-1)).sum(1)                           # (B, N-1)
+    cdf = (score / (score.sum(-1, keepdim=True) + 1e-6)).cumsum(-1)
+    if t.mask is not None:
+        cdf = cdf.masked_fill(~t.mask[:, 1:], math.inf)
+    points = (2 * torch.arange(num_samples, device=q.device) + 1) / (2 * (num_samples + 1))  # (K,)
+    picked = (cdf[:, None, :] - points[None, :, None]).abs().argmin(-1) + 1               # (B, K) positions
+    keep = torch.zeros(B, N, dtype=torch.bool, device=q.device).scatter_(1, picked, True)
+    keep[:, 0] = True                                                                      # CLS
+    counts = keep.sum(1)                                                                   # (B,)
+    width = int(counts.max())
+    order = (~keep * N + torch.arange(N, device=q.device)).argsort(1)[:, :width]          # kept first, in order
+    valid = torch.arange(width, device=q.device) < counts[:, None]                         # (B, width)
+    out = t.select(order.masked_fill(~valid, 0))                                           # padding: CLS copies
+    return replace(out, idx=out.idx.masked_fill(~valid, -1), mask=valid)
+
+
+class ATS(Reducer):
+    """ATS at one location (see `ats`)."""
+
+    def __init__(self, num_samples: int):
+        super().__init__()
+        self.num_samples = num_samples
+
+    def forward(self, t: Tokens, qkv) -> Tokens:
+        return ats(t, *qkv, self.num_samples)
+
+    def extra_repr(self) -> str:
+        return f'num_samples={self.num_samples}'
 
 
 class PatchMerger(Reducer):
@@ -322,6 +383,8 @@ def build_reducers(method: str, keep: tuple, num_loc: int, num_patches: int, dim
     targets = [int(num_patches * math.prod(keeps[:s + 1])) for s in range(num_loc)]
     if method == 'tome':  # a fixed number merged per stage, whatever CLC added (the reference's rule)
         return nn.ModuleList(ToMe(b - a) for b, a in zip([num_patches] + targets[:-1], targets))
+    if method == 'ats':  # K sample points; duplicates collapse, so at most K tokens stay besides CLS
+        return nn.ModuleList(ATS(max(1, k)) for k in targets)
     if method == 'dynamicvit':  # training targets keep^(s+1); eval counts as the reference (see DynamicViT)
         return nn.ModuleList(DynamicViT(dim, math.prod(keeps[:s + 1]), num_patches, keeps[0] if clc else None,
                                         2.0 / num_loc) for s in range(num_loc))

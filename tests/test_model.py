@@ -14,7 +14,8 @@ IMAGES = lambda n=2: torch.randn(n, 3, 32, 32)
 
 @pytest.mark.parametrize('backbone', ['vit_tiny_patch16_224', 'deit3_small_patch16_224',
                                       'vit_base_patch16_clip_224', 'vit_base_patch16_224_miil'])
-@pytest.mark.parametrize('method', ['none', 'evit', 'topk', 'tome', 'patchmerger', 'sit', 'dpcknn', 'dynamicvit'])
+@pytest.mark.parametrize('method', ['none', 'evit', 'topk', 'tome', 'ats', 'patchmerger', 'sit', 'dpcknn',
+                                    'dynamicvit'])
 @pytest.mark.parametrize('clc,cla', [(False, False), (True, False), (False, True), (True, True)])
 def test_every_switch_combination_gives_logits(backbone, method, clc, cla):
     model = tiny(backbone=backbone, method=method, keep=0.3, clc=clc, cla=cla)
@@ -118,7 +119,7 @@ def test_cla_reads_the_raw_cls_of_the_reduction_layers_and_the_last_block():
     assert not hasattr(model, 'norm') and not hasattr(model, 'head')  # the final LayerNorm is unused
 
 
-@pytest.mark.parametrize('method', ['evit', 'tome'])
+@pytest.mark.parametrize('method', ['evit', 'tome', 'ats', 'patchmerger', 'sit', 'dynamicvit'])
 def test_batched_eval_equals_one_image_at_a_time(method):
     model = tiny(method=method, keep=0.1, clc=True, cla=True).eval()
     images = IMAGES(4)
@@ -131,7 +132,8 @@ def test_batched_eval_equals_one_image_at_a_time(method):
 @pytest.mark.parametrize('backbone,method', [('vit_tiny_patch16_224', 'evit'), ('deit3_small_patch16_224', 'evit'),
                                             ('vit_base_patch16_clip_224', 'evit'), ('vit_tiny_patch16_224', 'tome'),
                                             ('vit_tiny_patch16_224', 'patchmerger'), ('vit_tiny_patch16_224', 'sit'),
-                                            ('vit_tiny_patch16_224', 'dpcknn'), ('vit_tiny_patch16_224', 'dynamicvit')])
+                                            ('vit_tiny_patch16_224', 'dpcknn'), ('vit_tiny_patch16_224', 'dynamicvit'),
+                                            ('vit_tiny_patch16_224', 'ats')])
 def test_a_training_step_reaches_every_trainable_parameter(backbone, method):
     model = tiny(backbone=backbone, method=method, keep=0.25, clc=True, cla=True).train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

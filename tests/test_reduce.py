@@ -276,3 +276,51 @@ def test_dynamicvit_eval_counts(clc):
         k = int((n - 2) * 0.5) if clc else int(64 * 0.5 ** (s + 1))  # the reference's two rules
         assert seen[i][1].x.shape[1] == 1 + k
         n = 1 + k + 6 * clc
+
+
+def ats_inputs(B, N, focus):
+    """q, k, v with the CLS query attending (almost only) to the tokens in focus[b]; |v| = 1."""
+    q = torch.zeros(B, 1, N, 4)
+    q[:, :, 0, 0] = 30.0
+    k = torch.zeros(B, 1, N, 4)
+    for b, tokens in enumerate(focus):
+        k[b, 0, tokens, 0] = torch.linspace(1.0, 0.95, len(tokens))  # unequal shares: no ties
+    v = torch.nn.functional.normalize(torch.randn(B, 1, N, 4), dim=-1)
+    return q, k, v
+
+
+def test_ats_samples_by_inverse_transform_and_pads_per_image_counts():
+    from reduce import ats
+    B, N, K = 2, 9, 4
+    t = random_tokens(B, N, 4)
+    q, k, v = ats_inputs(B, N, [[3], [2, 5, 7]])  # image 0: all mass on token 3; image 1: spread over three
+    out = ats(t, q, k, v, K)
+    # the rule written out: cumulative significance, nearest token to each point (2i+1)/(2(K+1))
+    want = []
+    for b in range(B):
+        attn = (q[b, 0, 0] @ k[b, 0].T * 0.5).softmax(-1)[1:]
+        sig = attn * v[b, 0, 1:].norm(dim=-1)
+        cdf = (sig / sig.sum()).cumsum(0).tolist()
+        points = [(2 * i + 1) / (2 * (K + 1)) for i in range(K)]
+        want.append([0] + sorted({1 + min(range(N - 1), key=lambda j: abs(cdf[j] - p)) for p in points}))
+    width = max(map(len, want))
+    assert len(want[0]) < len(want[1]) == width  # the images keep different numbers of tokens
+    assert out.idx.tolist() == [w + [-1] * (width - len(w)) for w in want]
+    assert out.mask.tolist() == [[True] * len(w) + [False] * (width - len(w)) for w in want]
+    torch.testing.assert_close(out.x[0, len(want[0]):], t.x[0, :1].expand(width - len(want[0]), -1))  # CLS copies
+    bias = out.attn_bias()
+    assert bias.shape == (B, 1, 1, width) and torch.isinf(bias[0, 0, 0, len(want[0]):]).all() and (bias[1] == 0).all()
+
+
+def test_ats_padding_is_invisible_to_attention_averages_and_sampling():
+    from reduce import ats
+    attn_mod = Attention(backbone_config('vit_tiny_patch16_224', embed_dim=48, num_heads=3))
+    x = torch.randn(1, 6, 48)
+    t = Tokens(x=x, idx=torch.arange(6)[None], mask=torch.tensor([[True, True, True, True, False, False]]))
+    garbage = replace(t, x=torch.cat([x[:, :4], 100 * torch.randn(1, 2, 48)], 1))
+    a, _ = attn_mod(t.x, t.attn_bias())
+    b, _ = attn_mod(garbage.x, garbage.attn_bias())
+    torch.testing.assert_close(a[:, :4], b[:, :4])  # valid tokens never see the padding
+    torch.testing.assert_close(t.mean(1, 6), x[:, 1:4].mean(1, keepdim=True))
+    q, k, v = ats_inputs(1, 6, [[4, 5]])  # all CLS attention on the padding: it still cannot be sampled
+    assert set(ats(t, q, k, v, 3).idx[0].tolist()) <= {-1, 0, 1, 2, 3}
