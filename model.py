@@ -260,12 +260,9 @@ class ViT(nn.Module):
                     # last token is now a recovered carrier that block i never saw; the reference
                     # caches that stale copy next, and so do we (the paper's figure shows it).
                     n = t.x.shape[1]
-                    if cache:
-                        carried = torch.cat(cache, 1)
-                        # DynamicViT's reference counts recovered tokens as kept in training, as
-                        # dropped in the global pooling of its eval-time predictor
-                        t = t.append(carried, decision=float(self.training))
-                        t, cache = replace(t, protected=t.protected + carried.shape[1]), []
+                    if cache:  # DynamicViT's reference counts recovered tokens as kept in training,
+                        # as dropped in the global pooling of its eval-time predictor
+                        t, cache = t.append(torch.cat(cache, 1), decision=float(self.training)), []
                 if i < self.recovery[-1]:
                     cache.append(self.carriers(t, n))
             if self.cfg.cla and i in self.cla_layers:

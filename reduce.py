@@ -31,7 +31,7 @@ class Tokens:
     idx: torch.Tensor  # (B, N) position in the input sequence: 0 = CLS, 1..P = patches, -1 = made here
                        # (a CLR carrier, an EViT fused token, a token recovered from the cache)
     size: Optional[torch.Tensor] = None  # (B, N, 1) input tokens merged into each token (ToMe), else None
-    protected: int = 0  # trailing tokens that are CLR carriers or recovered from the cache (DPC-KNN skips them)
+    protected: int = 0  # trailing made tokens: CLR carriers and tokens recovered from the cache (DPC-KNN skips them)
     decision: Optional[torch.Tensor] = None  # (B, N, 1) DynamicViT's keep decisions (1 kept, 0 dropped), else None
     mask: Optional[torch.Tensor] = None  # (B, N) bool, False for ATS's padding, else None
     aux: torch.Tensor | float = 0.0  # auxiliary training loss added by the reducers (DynamicViT's ratio loss)
@@ -45,13 +45,14 @@ class Tokens:
                        mask=mask, protected=0)
 
     def append(self, extra: torch.Tensor, decision: float = 1.0) -> 'Tokens':
-        """Append made tokens `extra` (B, M, D) at the end of the sequence; each counts as one token,
-        and as `decision` for DynamicViT."""
+        """Append made tokens `extra` (B, M, D) at the end of the sequence, into the protected suffix;
+        each counts as one token, and as `decision` for DynamicViT."""
         made = self.idx.new_full(extra.shape[:2], -1)  # (B, M)
         pad = lambda v, value: None if v is None else torch.cat([v, v.new_full((*extra.shape[:2], 1), value)], 1)
         mask = None if self.mask is None else F.pad(self.mask, (0, extra.shape[1]), value=True)
         return replace(self, x=torch.cat([self.x, extra], 1), idx=torch.cat([self.idx, made], 1),
-                       size=pad(self.size, 1.0), decision=pad(self.decision, decision), mask=mask)
+                       size=pad(self.size, 1.0), decision=pad(self.decision, decision), mask=mask,
+                       protected=self.protected + extra.shape[1])
 
     def attn_bias(self) -> Optional[torch.Tensor]:
         """Added to the attention logits, (B, 1, 1, N) or None: log(size), ToMe's proportional
@@ -116,7 +117,8 @@ def tome(t: Tokens, metric: torch.Tensor, r: int) -> Tokens:
     size-weighted average, and the output is [unmerged A in position order, all of B], CLS first.
     CLS never merges. As in ToMe, at most (N - 1) // 2 tokens go per call, so at keep rates below
     0.5 ToMe removes fewer tokens than its schedule asks and costs more than EViT; CLCA keeps this
-    cap. A merged token keeps its B partner's `idx`.
+    cap. A merged token keeps its B partner's `idx`. The matching needs the (N/2 x N/2) similarity
+    matrix of A against B, which it builds; attention itself stays fused.
     """
     B, N, D = t.x.shape
     r = min(r, (N - 1) // 2)
@@ -277,7 +279,7 @@ def dpc_knn(x: torch.Tensor, num_centers: int, k: int = 5):
     1e-6 uniform noise against ties (as TCFormer, from the global RNG); delta = distance to the
     nearest denser token (the largest distance for the densest); centres = top K of density * delta;
     every token joins its nearest centre. Distances are divided by sqrt(C). k shrinks to N when
-    fewer tokens are left.
+    fewer tokens are left. The algorithm needs the full (N x N) distance matrix, which it builds.
     """
     B, N, C = x.shape
     dist = torch.cdist(x.float(), x.float()) / C ** 0.5                           # (B, N, N)

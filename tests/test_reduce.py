@@ -324,3 +324,12 @@ def test_ats_padding_is_invisible_to_attention_averages_and_sampling():
     torch.testing.assert_close(t.mean(1, 6), x[:, 1:4].mean(1, keepdim=True))
     q, k, v = ats_inputs(1, 6, [[4, 5]])  # all CLS attention on the padding: it still cannot be sampled
     assert set(ats(t, q, k, v, 3).idx[0].tolist()) <= {-1, 0, 1, 2, 3}
+
+
+@pytest.mark.parametrize('method', ['evit', 'topk', 'tome', 'ats', 'patchmerger', 'sit', 'dpcknn', 'dynamicvit'])
+@pytest.mark.parametrize('training', [False, True])
+def test_cls_is_never_removed_by_any_method(method, training):
+    model = tiny(method=method, keep=0.1, clc=True, cla=True).train(training)
+    _, seen = trace(model, torch.randn(2, 3, 32, 32))
+    for block_in, block_out in seen:
+        assert (block_out.idx[:, 0] == 0).all() and (block_in.idx[:, 0] == 0).all()
