@@ -364,6 +364,7 @@ class DynamicViT(Reducer):
             return replace(t, decision=torch.cat([decision[:, :1], keep], 1), aux=t.aux + self.weight * ratio_loss)
         count = int((N - 2) * self.clc_rate) if self.clc_rate else int(self.num_patches * self.target)
         top = logp[..., 0].argsort(1, descending=True)[:, :max(1, count)]                 # (B, K) best first
+        t = replace(t, decision=decision)  # kept along, so that later recoveries append theirs
         return t.select(torch.cat([torch.zeros_like(top[:, :1]), top + 1], 1))
 
 
