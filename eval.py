@@ -17,11 +17,13 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Subset
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.utils import make_grid, save_image
 
 from data import DATASETS, DatasetError, build_dataset
-from model import ViT, CheckpointError, create_model, gmacs, load_weights, open_checkpoint, read_checkpoint
+from model import ViT, CheckpointError, create_model, load_weights, open_checkpoint, read_checkpoint
 from reduce import METHODS
 
 # the paper's code names a model '<method>_<timm name>' (e.g. evit_vit_base_patch16_clip_224.laion2b)
@@ -127,6 +129,23 @@ def tokens_per_stage(cfg) -> str:
     with torch.no_grad():
         model(torch.randn(1, 3, cfg.img_size, cfg.img_size, device=device))
     return '~' * varies + '>'.join(map(str, lengths))
+
+
+@torch.no_grad()
+def gmacs(model) -> float:
+    """DESIGN Sec. 9: multiply-accumulates (billions) of a one-image forward, which the paper calls FLOPs.
+
+    torch's flop counter sees matmuls and convolutions, attention included when SDPA runs as its
+    math decomposition. Works on a model built on the meta device (no memory, no compute).
+    """
+    p = next(model.parameters())
+    images = torch.randn(1, 3, model.cfg.img_size, model.cfg.img_size, device=p.device, dtype=p.dtype)
+    was_training = model.training
+    model.eval()
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(images)
+    model.train(was_training)
+    return counter.get_total_flops() / 2e9
 
 
 def cost_row(model, args, device, amp) -> dict:

@@ -1,5 +1,5 @@
 """CLCA model: a ViT written from scratch, the cross-layer cache (CLC), the cross-layer aggregation
-head (CLA), weight loading and cost counting.
+head (CLA) and weight loading.
 
 Paper: Rios et al., "Cross-Layer Cache Aggregation for Token Reduction in Ultra-Fine-Grained Image
 Recognition", ICASSP 2025 (arXiv 2501.00243). Parameter names follow timm, so a timm checkpoint
@@ -16,8 +16,6 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from reduce import Tokens, build_reducers
 
@@ -404,23 +402,3 @@ def load_weights(model: ViT, source, verbose: bool = True):
         name = source if isinstance(source, (str, os.PathLike)) else 'a state dict'
         print(f'loaded {len(sd) - len(unexpected)} tensors from {name}' + ''.join('\n  ' + n for n in notes))
     return missing, unexpected
-
-
-# ---------------------------------------------------------------------------------------------
-# Cost (DESIGN Sec. 9)
-
-@torch.no_grad()
-def gmacs(model: ViT) -> float:
-    """Multiply-accumulates (billions) of a one-image forward, which the paper calls FLOPs.
-
-    torch's flop counter sees matmuls and convolutions, attention included when SDPA runs as its
-    math decomposition. Works on a model built on the meta device (no memory, no compute).
-    """
-    p = next(model.parameters())
-    images = torch.randn(1, 3, model.cfg.img_size, model.cfg.img_size, device=p.device, dtype=p.dtype)
-    was_training = model.training
-    model.eval()
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(images)
-    model.train(was_training)
-    return counter.get_total_flops() / 2e9

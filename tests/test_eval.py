@@ -7,8 +7,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import eval as evaluation
+from eval import gmacs
 from data import build_dataset
-from model import create_model, gmacs, load_weights
+from model import create_model, load_weights
 
 
 

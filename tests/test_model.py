@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny, trace
-from model import CheckpointError, ModelConfig, create_model, gmacs, load_weights, pretrained_url, read_checkpoint
+from eval import gmacs
+from model import CheckpointError, ModelConfig, create_model, load_weights, pretrained_url, read_checkpoint
 
 IMAGES = lambda n=2: torch.randn(n, 3, 32, 32)
 
