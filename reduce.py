@@ -7,8 +7,9 @@ Every method plugs into the ViT through one interface, a `Reducer` module per re
 `tokens` is a `Tokens` record (the features plus, per token, where it came from). A reducer with
 `before_block = False` runs inside the block, after attention and before the MLP, and receives
 that block's attention inputs `qkv = (q, k, v)`, each (B, heads, N, head_dim): attention ran on
-all N tokens, the MLP runs only on the survivors (EViT, Top-K, ToMe). A reducer with
-`before_block = True` runs on the block's input and receives `qkv = None` (PatchMerger, SiT, DPC-KNN).
+all N tokens, the MLP runs only on the survivors (EViT, Top-K, ToMe, ATS). A reducer with
+`before_block = True` runs on the block's input and receives `qkv = None` (PatchMerger, SiT,
+DPC-KNN, DynamicViT).
 
 The CLS token is always position 0 and is never removed. The keep rule differs per method in the
 reference code; each reducer's docstring says which one it follows and why.
@@ -29,9 +30,10 @@ class Tokens:
     """The token sequence that flows through the blocks, CLS first."""
     x: torch.Tensor    # (B, N, D) features
     idx: torch.Tensor  # (B, N) position in the input sequence: 0 = CLS, 1..P = patches, -1 = made here
-                       # (a CLR carrier, an EViT fused token, a token recovered from the cache)
+                       # (a CLR carrier, a fused, pooled or recovered token, ATS's padding)
     size: Optional[torch.Tensor] = None  # (B, N, 1) input tokens merged into each token (ToMe), else None
-    protected: int = 0  # trailing made tokens: CLR carriers and tokens recovered from the cache (DPC-KNN skips them)
+    protected: int = 0  # trailing appended tokens: CLR carriers, tokens recovered from the cache (and EViT's
+                        # fused token, which no later DPC-KNN sees); DPC-KNN leaves them alone
     decision: Optional[torch.Tensor] = None  # (B, N, 1) DynamicViT's keep decisions (1 kept, 0 dropped), else None
     mask: Optional[torch.Tensor] = None  # (B, N) bool, False for ATS's padding, else None
     aux: torch.Tensor | float = 0.0  # auxiliary training loss added by the reducers (DynamicViT's ratio loss)
@@ -125,7 +127,7 @@ def tome(t: Tokens, metric: torch.Tensor, r: int) -> Tokens:
     if r <= 0:
         return t
     with torch.no_grad():
-        m = metric / metric.norm(dim=-1, keepdim=True)
+        m = metric.float() / metric.float().norm(dim=-1, keepdim=True)  # fp32: bf16 cosines tie
         scores = m[:, ::2] @ m[:, 1::2].transpose(-1, -2)       # (B, Na, Nb) cosine similarity A -> B
         scores[:, 0] = -math.inf                                 # CLS (A's first token) stays
         best, partner = scores.max(-1)                           # (B, Na)
@@ -190,8 +192,10 @@ def ats(t: Tokens, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_sample
     """Adaptive Token Sampling (Fayyaz et al., ECCV 2022), inside a block.
 
     Significance of token j = sum over heads of (CLS attention to j) * ||v_j||, normalised to sum 1.
-    Its cumulative sum is inverted at K fixed points (2i + 1) / (2(K + 1)), i = 0..K-1: each point
-    takes the token whose cumulative score is nearest. Points that land on the same token collapse,
+    Its cumulative sum is inverted at the fixed points (2i + 1) / (2(K + 1)), i = 0, 1, ...: each
+    point takes the token whose cumulative score is nearest. The points come from the reference's own
+    float `arange` call, which stops before (2K + 1) / (2(K + 1)) and so gives K points, except for
+    some K (196, 268, 384: paper settings at 448 px) where rounding adds that last point. Points that land on the same token collapse,
     so images keep different numbers of tokens (in position order, CLS first); the batch is padded
     to its largest count with copies of CLS, marked in `t.mask` so that later attention, cache
     averages and samplings ignore them. Padding is never sampled (the reference shifts its
@@ -207,7 +211,8 @@ def ats(t: Tokens, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_sample
     cdf = (score / (score.sum(-1, keepdim=True) + 1e-6)).cumsum(-1)
     if t.mask is not None:
         cdf = cdf.masked_fill(~t.mask[:, 1:], math.inf)
-    points = (2 * torch.arange(num_samples, device=q.device) + 1) / (2 * (num_samples + 1))  # (K,)
+    n = num_samples + 1  # the reference's sample count
+    points = torch.arange(1 / (2 * n), (2 * n - 1) / (2 * n), 2 / (2 * n), device=q.device)  # (K,), rarely K+1
     picked = (cdf[:, None, :] - points[None, :, None]).abs().argmin(-1) + 1               # (B, K) positions
     keep = torch.zeros(B, N, dtype=torch.bool, device=q.device).scatter_(1, picked, True)
     keep[:, 0] = True                                                                      # CLS
@@ -327,7 +332,7 @@ class DynamicViT(Reducer):
     """DynamicViT (Rao et al., NeurIPS 2021) before a block: a predictor scores keep / drop for every
     non-CLS token. LayerNorm -> Linear D->D -> GELU; the first half of the channels stays per token,
     the second half becomes the mean over the currently kept tokens (plus 1e-6 after the division,
-    as in the reference); then Linear D->D/2 -> GELU -> D/2->D/4 -> GELU -> D/4->2 -> log-softmax.
+    as in the reference, whose 0/0 when all tokens are dropped, a known NaN, is floored here); then Linear D->D/2 -> GELU -> D/2->D/4 -> GELU -> D/4->2 -> log-softmax.
 
     Training: hard Gumbel-softmax decisions, multiplied by the earlier ones, go to `tokens.decision`;
     nothing is removed, later attention only reaches kept tokens (model.Attention), and the ratio
@@ -335,7 +340,9 @@ class DynamicViT(Reducer):
     (the fraction counts every non-CLS token, CLR and recovered carriers included, as the
     reference does). Eval: the top-scoring tokens are really kept, int(P * target) of them, or with
     CLC, as the CLCA code does, int((N - 2) * keep of the first stage) of the current N; at least one
-    (DESIGN Sec. 10). The paper's variant adds distillation losses; the CLCA code does not.
+    (DESIGN Sec. 10). As in the reference, the cache's average covers dropped tokens in training
+    (they are still in the sequence) but not at eval. The paper's variant adds distillation losses;
+    the CLCA code does not.
     """
     before_block = True
     has_aux = True
@@ -351,7 +358,8 @@ class DynamicViT(Reducer):
         """x (B, M, D), decision (B, M, 1) -> log-probabilities (B, M, 2) of [keep, drop]."""
         h = self.in_conv(x)
         local, glob = h.chunk(2, dim=-1)                                                   # 2 x (B, M, D/2)
-        glob = (glob * decision).sum(1, keepdim=True) / decision.sum(1, keepdim=True) + 1e-6  # (B, 1, D/2)
+        kept = decision.sum(1, keepdim=True).clamp(min=1e-6)  # no 0/0 when every token is dropped
+        glob = (glob * decision).sum(1, keepdim=True) / kept + 1e-6                        # (B, 1, D/2)
         return self.out_conv(torch.cat([local, glob.expand_as(local)], -1))
 
     def forward(self, t: Tokens, qkv) -> Tokens:

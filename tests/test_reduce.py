@@ -333,3 +333,12 @@ def test_cls_is_never_removed_by_any_method(method, training):
     _, seen = trace(model, torch.randn(2, 3, 32, 32))
     for block_in, block_out in seen:
         assert (block_out.idx[:, 0] == 0).all() and (block_in.idx[:, 0] == 0).all()
+
+
+def test_ats_uses_the_reference_sample_points_rounding_included():
+    from reduce import ats
+    B, N = 1, 400
+    t = random_tokens(B, N, 4)
+    q, k, v = ats_inputs(B, N, [list(range(1, N))])  # spread evenly: every point finds its own token
+    assert ats(t, q, k, v, 32).x.shape[1] == 1 + 32
+    assert ats(t, q, k, v, 196).x.shape[1] == 1 + 197  # the reference's arange yields one extra point here
