@@ -30,6 +30,19 @@ from reduce import METHODS
 OFFICIAL_METHODS = {m: m for m in ('evit', 'topk', 'tome', 'ats', 'patchmerger', 'sit', 'dpcknn')} | {'dyvit': 'dynamicvit'}
 
 
+def runtime_defaults(args, cuda: bool) -> dict:
+    """Fill the device-dependent flags train.py and eval.py share; returns torch.autocast's arguments."""
+    args.amp = args.amp or ('bf16' if cuda else 'off')
+    args.workers = (min(8, os.cpu_count() or 1) if cuda else 0) if args.workers is None else args.workers
+    return dict(device_type='cuda' if cuda else 'cpu', dtype=torch.float16 if args.amp == 'fp16' else torch.bfloat16,
+                enabled=args.amp != 'off')
+
+
+def exit_with(error: Exception):
+    """One line, no traceback; a DataLoader worker wraps the error in its traceback: keep the last line."""
+    sys.exit('error: ' + re.sub(r'^[\w.]+Error: ', '', str(error).strip().splitlines()[-1]))
+
+
 def split_for_rank(dataset, rank: int, world: int):
     """Every world-th sample from `rank`: each image is evaluated exactly once over all processes."""
     return dataset if world == 1 else Subset(dataset, range(rank, len(dataset), world))
@@ -214,15 +227,11 @@ def main(argv=None):
     cuda = torch.cuda.is_available()
     device = torch.device('cuda' if cuda else 'cpu')
     args.batch_size = args.batch_size or (32 if cuda else 4)
-    args.workers = (min(8, os.cpu_count() or 1) if cuda else 0) if args.workers is None else args.workers
-    args.amp = args.amp or ('bf16' if cuda else 'off')
-    amp = dict(device_type=device.type, dtype=torch.float16 if args.amp == 'fp16' else torch.bfloat16,
-               enabled=args.amp != 'off')
+    amp = runtime_defaults(args, cuda)
     try:
         run(args, device, amp)
     except (DatasetError, CheckpointError, ValueError) as e:
-        # a DataLoader worker wraps the error in its traceback: keep the last line, without the class name
-        sys.exit('error: ' + re.sub(r'^[\w.]+Error: ', '', str(e).strip().splitlines()[-1]))
+        exit_with(e)
 
 
 def test_set(args, model, checkpoint=None):

@@ -398,7 +398,9 @@ def load_weights(model: ViT, source, verbose: bool = True):
             groups = {}  # 'ifa_head.0.1.bias', 'ifa_head.0.4.weight' -> 'ifa_head.* (2)'
             for k in keys:
                 groups.setdefault(k.split('.')[0], []).append(k)
-            notes += [f"{what}: {', '.join(g[0] if len(g) == 1 else f'{t}.* ({len(g)})' for t, g in groups.items())}"] * bool(keys)
+            if keys:
+                notes.append(f'{what}: ' + ', '.join(g[0] if len(g) == 1 else f'{top}.* ({len(g)})'
+                                                      for top, g in groups.items()))
         name = source if isinstance(source, (str, os.PathLike)) else 'a state dict'
         print(f'loaded {len(sd) - len(unexpected)} tensors from {name}' + ''.join('\n  ' + n for n in notes))
     return missing, unexpected

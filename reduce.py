@@ -73,7 +73,7 @@ class Tokens:
 
 
 def cls_attention(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Attention probabilities of the CLS query over all N keys, averaged over heads: (B, N).
+    """Attention probabilities of the CLS query over all N keys, per head: (B, H, N).
 
     Only the CLS row of the attention matrix is computed, O(N*D) instead of O(N^2*D), so the block
     itself can use the fused attention kernel, which never exposes its probabilities.
@@ -81,7 +81,7 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor]
     logits = q[:, :, :1] @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, H, 1, N)
     if bias is not None:
         logits = logits + bias                                           # (B, 1, 1, N) broadcast
-    return logits.float().softmax(-1).mean(1).squeeze(1)                 # (B, N)
+    return logits.float().softmax(-1).squeeze(2)                         # (B, H, N)
 
 
 def evit(t: Tokens, cls_attn: torch.Tensor, keep: float, fuse: bool = True) -> Tokens:
@@ -163,7 +163,7 @@ class EViT(Reducer):
 
     def forward(self, t: Tokens, qkv) -> Tokens:
         q, k, _ = qkv
-        return evit(t, cls_attention(q, k, t.attn_bias()), self.keep, self.fuse)
+        return evit(t, cls_attention(q, k, t.attn_bias()).mean(1), self.keep, self.fuse)  # heads averaged
 
     def extra_repr(self) -> str:
         return f'keep={self.keep}, fuse={self.fuse}'
@@ -204,9 +204,7 @@ def ats(t: Tokens, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_sample
     images one at a time). The block's attention ran on all rows; only the sampled rows go on.
     """
     B, H, N, _ = q.shape
-    logits = q[:, :, :1] @ k.transpose(-2, -1) * q.shape[-1] ** -0.5                      # (B, H, 1, N)
-    bias = t.attn_bias()
-    cls_attn = (logits if bias is None else logits + bias).float().softmax(-1)[:, :, 0, 1:]  # (B, H, N-1)
+    cls_attn = cls_attention(q, k, t.attn_bias())[:, :, 1:]                                # (B, H, N-1)
     score = (cls_attn * v[:, :, 1:].float().norm(dim=-1)).sum(1)                           # (B, N-1)
     cdf = (score / (score.sum(-1, keepdim=True) + 1e-6)).cumsum(-1)
     if t.mask is not None:

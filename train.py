@@ -9,7 +9,6 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import asdict
@@ -23,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from data import DATASETS, DatasetError, build_dataset
-from eval import evaluate, split_for_rank
+from eval import evaluate, exit_with, runtime_defaults, split_for_rank
 from model import CheckpointError, backbone_config, create_model, load_weights, open_checkpoint, pretrained_url
 from reduce import METHODS
 
@@ -81,9 +80,8 @@ def parse_args(argv=None):
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     args.warmup_lr = args.lr / 100 if args.warmup_lr is None else args.warmup_lr
     cuda = torch.cuda.is_available()
-    args.amp = args.amp or ('bf16' if cuda else 'off')
+    runtime_defaults(args, cuda)
     args.compile = cuda if args.compile is None else args.compile
-    args.workers = (min(8, os.cpu_count() or 1) if cuda else 0) if args.workers is None else args.workers
     try:  # every model flag is checked here, before any data is read
         backbone_config(args.backbone, img_size=args.img_size, method=args.method, keep=args.keep,
                         loc=args.loc, clc=args.clc, num_clr=args.num_clr)
@@ -188,8 +186,7 @@ def train(args):
     model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    amp = dict(device_type=device.type, dtype=torch.float16 if args.amp == 'fp16' else torch.bfloat16,
-               enabled=args.amp != 'off')
+    amp = runtime_defaults(args, device.type == 'cuda')
     start = 0
     if ckpt is not None:
         model.load_state_dict(ckpt['model'])
@@ -277,8 +274,7 @@ def main(argv=None):
     try:
         return train(args)
     except (DatasetError, CheckpointError, FloatingPointError) as e:
-        # a DataLoader worker wraps the error in its traceback: keep the last line, without the class name
-        sys.exit('error: ' + re.sub(r'^[\w.]+Error: ', '', str(e).strip().splitlines()[-1]))
+        exit_with(e)
 
 
 if __name__ == '__main__':
