@@ -1,4 +1,4 @@
-"""Datasets and transforms (DESIGN.md Sec. 7 and 8).
+"""Datasets and transforms for the paper's recipe, and the embedded demo data.
 
 - The five ultra-fine-grained leaf datasets of the UFG benchmark (Yu et al., ICCV 2021) from disk, in
   any of three layouts, detected automatically; `folder` reads any directory in one of them.
@@ -19,7 +19,7 @@ from torchvision.transforms.functional import to_pil_image
 
 from model import IMAGENET_MEAN, IMAGENET_STD
 
-# name: (classes, image folder of the official CSV layout), DESIGN Sec. 8
+# name: (classes, image folder of the official CSV layout); the UFG benchmark's five leaf datasets
 UFG = {'cotton': (80, 'cotton_square_new'), 'soylocal': (200, 'soybean200_square'),
        'soygene': (1110, 'images'), 'soyglobal': (1938, 'soybean2000'), 'soyageing': (198, '.')}
 DATASETS = ('leaves', 'folder') + tuple(UFG)
@@ -30,11 +30,19 @@ class DatasetError(ValueError):
     """Bad or missing data; the message says what is wrong and how to fix it."""
 
 
-def transforms(img_size: int, train: bool, mean, std):
+AUGMENTATIONS = ('weak', 'trivial')
+
+
+def transforms(img_size: int, augment, mean, std):
     """The paper's pipeline: square resize to S/0.875 (aspect ratio not kept, as in the reference),
-    then a random crop and flip for training or a centre crop for testing."""
+    then a centre crop (`augment` None: evaluation) or a random crop and flip ('weak', the paper's
+    published command line), followed by TrivialAugmentWide for 'trivial' (the paper's configs for
+    its two smallest datasets, Cotton and SoyLocal)."""
+    if augment not in (None, *AUGMENTATIONS):
+        raise ValueError(f'unknown augmentation {augment!r}: choose one of {", ".join(AUGMENTATIONS)}')
     big = int(img_size / 0.875)  # 448 -> 512
-    crop = [T.RandomCrop(img_size), T.RandomHorizontalFlip()] if train else [T.CenterCrop(img_size)]
+    crop = [T.RandomCrop(img_size), T.RandomHorizontalFlip()] if augment else [T.CenterCrop(img_size)]
+    crop += [T.TrivialAugmentWide()] if augment == 'trivial' else []
     return T.Compose([T.Resize((big, big), interpolation=T.InterpolationMode.BICUBIC), *crop,
                       T.ToTensor(), T.Normalize(mean, std)])
 
@@ -101,9 +109,9 @@ def _label(text, where) -> int:
 
 def build_dataset(name: str, split: str, img_size: int, data_dir=None, mean=None, std=None, augment=None):
     """Returns (dataset, num_classes). `mean`/`std` default to ImageNet's (the reference's choice);
-    `augment` (default: for the train split) picks the training transforms."""
+    `augment` is None (no augmentation) or one of AUGMENTATIONS (see `transforms`)."""
     mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
-    tf = transforms(img_size, split == 'train' if augment is None else augment, mean, std)
+    tf = transforms(img_size, augment, mean, std)
     if name == 'leaves':
         ds = Leaves(split, img_size, tf)
         return ds, ds.num_classes
@@ -135,8 +143,8 @@ PALETTE = torch.tensor([[0.98, 0.86, 0.15], [0.85, 0.12, 0.10], [0.97, 0.97, 0.9
 class Leaves(Dataset):
     """Procedural leaf "cultivars": one leaf shape for all classes, in a random pose, shade and
     background; a class is a signature of 1-3 small spots (their colour, and whether they sit in the
-    stalk or the tip half), plus dark blight specks on every leaf as distractors. A spot is about 1/40 of the image wide, so the
-    class lives in a few patches. Deterministic: image i of a split depends only on (seed, split, i).
+    stalk or the tip half), plus 0-2 dark blight specks as distractors. A spot is about 1/30 of the image wide, so
+    the class lives in a few patches. Deterministic: image i of a split depends only on (seed, split, i).
     """
 
     per_class = {'train': 400, 'test': 100}  # images per class and split

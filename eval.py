@@ -3,7 +3,7 @@
     python eval.py --checkpoint runs/leaves/last.pt             # top-1 / top-5 on the test split
     python eval.py --checkpoint clca.pth --dataset soyageing    # a checkpoint of the paper's code
     python eval.py --cost --method evit --keep 0.1 --clc --cla  # params, GMACs, images/s, peak memory
-    python eval.py --sweep --methods none evit topk --keeps 0.1 0.5 0.7   # accuracy-vs-cost table
+    python eval.py --sweep --methods none evit topk --keeps 0.1 0.5 0.7   # cost table (accuracy with --checkpoints)
     python eval.py --checkpoint runs/leaves/last.pt --visualize kept.png  # which patches survive
 """
 import argparse
@@ -146,7 +146,7 @@ def tokens_per_stage(cfg) -> str:
 
 @torch.no_grad()
 def gmacs(model) -> float:
-    """DESIGN Sec. 9: multiply-accumulates (billions) of a one-image forward, which the paper calls FLOPs.
+    """Multiply-accumulates (billions) of a one-image forward: what the paper's cost tables call FLOPs.
 
     torch's flop counter sees matmuls and convolutions, attention included when SDPA runs as its
     math decomposition. Works on a model built on the meta device (no memory, no compute).
@@ -241,7 +241,7 @@ def test_set(args, model, checkpoint=None):
     name = args.dataset or saved.get('dataset', 'leaves')
     data_dir = args.data_dir or (saved.get('data_dir') if name == saved.get('dataset') else None)
     stats = (model.cfg.mean, model.cfg.std) if saved.get('norm') == 'backbone' else (None, None)
-    dataset, num_classes = build_dataset(name, args.split, model.cfg.img_size, data_dir, *stats, augment=False)
+    dataset, num_classes = build_dataset(name, args.split, model.cfg.img_size, data_dir, *stats)
     if num_classes != model.cfg.num_classes:
         raise DatasetError(f'{name} has {num_classes} classes but the model predicts {model.cfg.num_classes}: '
                            'pick the dataset the checkpoint was trained on')

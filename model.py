@@ -25,7 +25,7 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 
 @dataclass
 class ModelConfig:
-    # backbone (DESIGN Sec. 2); the defaults are ViT-B/16
+    # backbone: a plain pre-norm ViT with timm's parameter names; the defaults are ViT-B/16
     img_size: int = 224            # input side in pixels, a multiple of patch_size
     patch_size: int = 16           # side of a square patch; P = (img_size / patch_size)^2 tokens
     embed_dim: int = 768           # D, the width of every token
@@ -40,7 +40,7 @@ class ModelConfig:
     num_classes: int = 1000        # classifier outputs
     mean: tuple = IMAGENET_MEAN    # the backbone's pretraining statistics (data.py uses ImageNet's
     std: tuple = IMAGENET_STD      # by default, as the paper's code does)
-    # token reduction (DESIGN Sec. 3, reduce.py)
+    # CLCA Sec. 2.1: token reduction (reduce.py)
     method: str = 'none'           # one of reduce.METHODS
     keep: tuple = (1.0,)           # keep rate, one for all locations or one per location
     loc: tuple = (3, 6, 9)         # 0-indexed blocks that reduce (and where CLC recovers, CLA reads)
@@ -283,7 +283,7 @@ def create_model(backbone: str, num_classes: int, img_size: int = 224, method: s
 
 
 # ---------------------------------------------------------------------------------------------
-# Weight loading (DESIGN Sec. 2 and 6)
+# Weight loading: timm files, the official DeiT/MAE/DINO/MoCo v3 containers, the paper's checkpoints
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unsafe to unpickle, or does not fit the model."""
@@ -327,7 +327,11 @@ def open_checkpoint(source):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f'{path}: refusing to unpickle it ({str(e).splitlines()[0]})') from None
+        unsafe = re.search(r'GLOBAL ([\w.]+)', str(e))  # a real checkpoint that holds more than tensors
+        if unsafe:
+            raise CheckpointError(f'{path} holds a {unsafe.group(1)} object, and unpickling it could run code: '
+                                  'refusing it (load only tensors, containers and argparse.Namespace)') from None
+        raise CheckpointError(f'{path} is not a PyTorch checkpoint (its bytes are no pickle torch.load can read)') from None
     except (RuntimeError, KeyError, EOFError, ValueError) as e:
         raise CheckpointError(f'{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0][:120]})') from None
 

@@ -1,4 +1,4 @@
-"""Token reduction methods, one small unit each (CLCA Sec. 2.1; DESIGN.md Sec. 3).
+"""Token reduction methods, one small unit each (CLCA Sec. 2.1).
 
 Every method plugs into the ViT through one interface, a `Reducer` module per reduction location:
 
@@ -15,6 +15,7 @@ The CLS token is always position 0 and is never removed. The keep rule differs p
 reference code; each reducer's docstring says which one it follows and why.
 """
 import math
+import warnings
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -66,6 +67,8 @@ class Tokens:
     def mean(self, start: int, end: int) -> torch.Tensor:
         """Mean of the tokens at positions start..end-1, padding left out: (B, 1, D)."""
         x = self.x[:, start:end]
+        if x.shape[1] == 0:  # the reference's mean of no tokens is NaN, which then spreads to the logits: 0 here
+            return self.x.new_zeros(x.shape[0], 1, x.shape[2])
         if self.mask is None:
             return x.mean(1, keepdim=True)
         valid = self.mask[:, start:end, None].to(x.dtype)                               # (B, M, 1)
@@ -101,7 +104,7 @@ def evit(t: Tokens, cls_attn: torch.Tensor, keep: float, fuse: bool = True) -> T
         return t
     score = cls_attn[:, 1:]                                                   # (B, N-1)
     top = score.topk(num_keep, dim=1).indices                                 # (B, K) best first
-    order = torch.cat([torch.zeros_like(top[:, :1]), top + 1], 1)             # (B, 1+K) CLS first
+    order = torch.cat([top.new_zeros(B, 1), top + 1], 1)                     # (B, 1+K) CLS first
     kept = t.select(order)
     if not fuse:
         return kept
@@ -211,7 +214,10 @@ def ats(t: Tokens, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_sample
         cdf = cdf.masked_fill(~t.mask[:, 1:], math.inf)
     n = num_samples + 1  # the reference's sample count
     points = torch.arange(1 / (2 * n), (2 * n - 1) / (2 * n), 2 / (2 * n), device=q.device)  # (K,), rarely K+1
-    picked = (cdf[:, None, :] - points[None, :, None]).abs().argmin(-1) + 1               # (B, K) positions
+    if len(points) and N > 1:
+        picked = (cdf[:, None, :] - points[None, :, None]).abs().argmin(-1) + 1           # (B, K) positions
+    else:  # no point to sample (K rounds to 0), or nothing left but CLS: only CLS goes on
+        picked = torch.zeros(B, 0, dtype=torch.long, device=q.device)
     keep = torch.zeros(B, N, dtype=torch.bool, device=q.device).scatter_(1, picked, True)
     keep[:, 0] = True                                                                      # CLS
     counts = keep.sum(1)                                                                   # (B,)
@@ -264,7 +270,9 @@ class SiT(Reducer):
 
     def __init__(self, dim: int, k: int):
         super().__init__()
-        self.weight = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, k))
+        with warnings.catch_warnings():  # k = 0 (a stage that pools into nothing) makes an empty Linear
+            warnings.filterwarnings('ignore', 'Initializing zero-element tensors')
+            self.weight = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, k))
         self.scale = nn.Parameter(torch.ones(1, 1, 1))
 
     def forward(self, t: Tokens, qkv) -> Tokens:
@@ -337,8 +345,8 @@ class DynamicViT(Reducer):
     loss 2 * mean over stages of mean over images (kept fraction - target)^2 goes to `tokens.aux`
     (the fraction counts every non-CLS token, CLR and recovered carriers included, as the
     reference does). Eval: the top-scoring tokens are really kept, int(P * target) of them, or with
-    CLC, as the CLCA code does, int((N - 2) * keep of the first stage) of the current N; at least one
-    (DESIGN Sec. 10). As in the reference, the cache's average covers dropped tokens in training
+    CLC, as the CLCA code does, int((N - 2) * keep of the first stage) of the current N; that count may be 0,
+    and then only CLS goes on, as in the reference. As in the reference, the cache's average covers dropped tokens in training
     (they are still in the sequence) but not at eval. The paper's variant adds distillation losses;
     the CLCA code does not.
     """
@@ -369,9 +377,9 @@ class DynamicViT(Reducer):
             ratio_loss = ((keep.flatten(1).mean(1) - self.target) ** 2).mean()
             return replace(t, decision=torch.cat([decision[:, :1], keep], 1), aux=t.aux + self.weight * ratio_loss)
         count = int((N - 2) * self.clc_rate) if self.clc_rate else int(self.num_patches * self.target)
-        top = logp[..., 0].argsort(1, descending=True)[:, :max(1, count)]                 # (B, K) best first
+        top = logp[..., 0].argsort(1, descending=True)[:, :count]                         # (B, K) best first
         t = replace(t, decision=decision)  # kept along, so that later recoveries append theirs
-        return t.select(torch.cat([torch.zeros_like(top[:, :1]), top + 1], 1))
+        return t.select(torch.cat([top.new_zeros(B, 1), top + 1], 1))
 
 
 def build_reducers(method: str, keep: tuple, num_loc: int, num_patches: int, dim: int,
@@ -392,11 +400,14 @@ def build_reducers(method: str, keep: tuple, num_loc: int, num_patches: int, dim
     targets = [int(num_patches * math.prod(keeps[:s + 1])) for s in range(num_loc)]
     if method == 'tome':  # a fixed number merged per stage, whatever CLC added (the reference's rule)
         return nn.ModuleList(ToMe(b - a) for b, a in zip([num_patches] + targets[:-1], targets))
-    if method == 'ats':  # K sample points; duplicates collapse, so at most K tokens stay besides CLS
-        return nn.ModuleList(ATS(max(1, k)) for k in targets)
+    if method == 'ats':  # K sample points (none when K rounds to 0); duplicates collapse, so at most K stay
+        return nn.ModuleList(ATS(k) for k in targets)
     if method == 'dynamicvit':  # training targets keep^(s+1); eval counts as the reference (see DynamicViT)
         return nn.ModuleList(DynamicViT(dim, math.prod(keeps[:s + 1]), num_patches, keeps[0] if clc else None,
                                         2.0 / num_loc) for s in range(num_loc))
-    # Deliberate deviation (DESIGN Sec. 10): at least one token, where the reference pools into none
-    pool = {'patchmerger': PatchMerger, 'sit': SiT, 'dpcknn': DPCKNN}[method]
-    return nn.ModuleList(pool(dim, max(1, k)) for k in targets)
+    if method == 'dpcknn':  # the reference's floors: 5 clusters before the last stage (its k-NN needs 5), 1 at it
+        targets = [max(k, 1 if s == num_loc - 1 else 5) for s, k in enumerate(targets)]
+        return nn.ModuleList(DPCKNN(dim, k) for k in targets)
+    # A target may round to 0 (448 px, keep 0.1: int(784 * 0.001)); as in the reference, that stage
+    # then pools into no token at all (PatchMerger's queries are (0, D)) and only CLS goes on.
+    return nn.ModuleList({'patchmerger': PatchMerger, 'sit': SiT}[method](dim, k) for k in targets)

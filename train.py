@@ -1,4 +1,4 @@
-"""Train a CLCA model (DESIGN.md Sec. 7).
+"""Train a CLCA model with the paper's recipe (or the embedded demo's preset).
 
     python train.py                                  # embedded synthetic leaves, tiny ViT, ~5 min on a CPU
     python train.py --dataset soyageing --keep 0.1   # the paper's recipe: ViT-B/16, 448 px, EViT + CLCA
@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from data import DATASETS, DatasetError, build_dataset
+from data import AUGMENTATIONS, DATASETS, DatasetError, build_dataset
 from eval import evaluate, exit_with, runtime_defaults, split_for_rank
 from model import CheckpointError, backbone_config, create_model, load_weights, open_checkpoint, pretrained_url
 from reduce import METHODS
@@ -51,6 +51,8 @@ def parse_args(argv=None):
     a('--num-clr', type=int, default=1, help='CLR carrier tokens of the cache')
     a('--norm', choices=('imagenet', 'backbone'), default='imagenet',
       help="input statistics: ImageNet's (as the paper's code) or the backbone's own")
+    a('--aug', choices=AUGMENTATIONS, default='weak', help="training augmentation: 'weak' (random crop and "
+      "flip, the paper's command line) or 'trivial' (plus TrivialAugmentWide, the paper's Cotton/SoyLocal configs)")
     a('--epochs', type=int, help='total epochs, cool-down included (paper: 50)')
     a('--warmup-epochs', type=int, help='linear warm-up epochs (paper: 2)')
     a('--cooldown-epochs', type=int, help='epochs at --min-lr after the cosine (paper: 5)')
@@ -74,6 +76,7 @@ def parse_args(argv=None):
         if given:
             p.error(f'--resume continues a run with the flags saved in its checkpoint: drop {" ".join(given)}')
         return args
+    given = {k for k in ('warmup_epochs', 'cooldown_epochs') if getattr(args, k) is not None}
     for key, value in (LEAVES if args.dataset == 'leaves' else PAPER).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -90,8 +93,13 @@ def parse_args(argv=None):
     for name in ('epochs', 'batch_size', 'workers'):
         if getattr(args, name) < (0 if name == 'workers' else 1):
             p.error(f'--{name.replace("_", "-")} must be positive')
+    for name in ('cooldown_epochs', 'warmup_epochs'):  # a short run shrinks the default phases, cool-down first,
+        excess = args.warmup_epochs + args.cooldown_epochs - (args.epochs - 1)  # to leave a cosine epoch
+        if excess > 0 and name not in given:
+            setattr(args, name, max(0, getattr(args, name) - excess))
+            print(f'--epochs {args.epochs}: {args.warmup_epochs} warm-up and {args.cooldown_epochs} cool-down epochs')
     if args.warmup_epochs + args.cooldown_epochs > args.epochs:
-        p.error('--warmup-epochs plus --cooldown-epochs exceed --epochs: raise --epochs')
+        p.error('--warmup-epochs plus --cooldown-epochs exceed --epochs: lower them or raise --epochs')
     return args
 
 
@@ -159,7 +167,7 @@ def train(args):
     # data: ImageNet statistics by default, as the paper's code does for every backbone
     stats = backbone_config(args.backbone) if args.norm == 'backbone' else None
     mean, std = (stats.mean, stats.std) if stats else (None, None)
-    train_set, num_classes = build_dataset(args.dataset, 'train', args.img_size, args.data_dir, mean, std)
+    train_set, num_classes = build_dataset(args.dataset, 'train', args.img_size, args.data_dir, mean, std, args.aug)
     test_set, _ = build_dataset(args.dataset, 'test', args.img_size, args.data_dir, mean, std)
     if args.batch_size % world or (args.cla and args.batch_size // world < 2):
         raise DatasetError(f'--batch-size {args.batch_size} must split evenly over {world} processes, at least 2 '

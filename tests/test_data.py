@@ -90,18 +90,25 @@ def test_missing_dataset_on_the_command_line_is_one_line_without_traceback(tmp_p
 
 
 def test_the_embedded_leaves_are_deterministic_balanced_and_any_size():
-    tf = transforms(48, False, (0.5,) * 3, (0.5,) * 3)
+    tf = transforms(48, None, (0.5,) * 3, (0.5,) * 3)
     a, b = Leaves('train', 48, tf), Leaves('train', 48, tf)
     assert len(a) == 4000 and a.num_classes == 10 and len(Leaves('test', 48, tf)) == 1000
     assert torch.equal(a[7][0], b[7][0]) and a[7][1] == 7 and a[17][1] == 7
     assert not torch.equal(a[7][0], Leaves('test', 48, tf)[7][0])
     assert not torch.equal(a[7][0], Leaves('train', 48, tf, seed=1)[7][0])
-    assert Leaves('train', 100, transforms(100, True, (0.5,) * 3, (0.5,) * 3))[0][0].shape == (3, 100, 100)
+    assert Leaves('train', 100, transforms(100, 'weak', (0.5,) * 3, (0.5,) * 3))[0][0].shape == (3, 100, 100)
     assert len(set(a.signatures)) == 10  # every class has its own spot signature
 
 
 def test_transforms_follow_the_paper():
-    train, test = transforms(448, True, (0, 0, 0), (1, 1, 1)), transforms(448, False, (0, 0, 0), (1, 1, 1))
+    train, test = transforms(448, 'weak', (0, 0, 0), (1, 1, 1)), transforms(448, None, (0, 0, 0), (1, 1, 1))
     assert train.transforms[0].size == (512, 512) and test.transforms[1].size == (448, 448)
     img = Image.new('RGB', (700, 300))
     assert train(img).shape == test(img).shape == (3, 448, 448)
+    names = lambda tf: [type(t).__name__ for t in tf.transforms]
+    assert names(train) == ['Resize', 'RandomCrop', 'RandomHorizontalFlip', 'ToTensor', 'Normalize']
+    trivial = transforms(448, 'trivial', (0, 0, 0), (1, 1, 1))  # the paper's configs for Cotton and SoyLocal
+    assert names(trivial) == names(train)[:3] + ['TrivialAugmentWide'] + names(train)[3:]
+    assert trivial(img).shape == (3, 448, 448)
+    with pytest.raises(ValueError, match='unknown augmentation'):
+        transforms(448, 'strong', (0, 0, 0), (1, 1, 1))

@@ -1,5 +1,4 @@
 import argparse
-import math
 import sys
 
 import pytest
@@ -193,84 +192,18 @@ def test_bad_checkpoints_are_refused_with_a_clear_message(tmp_path, monkeypatch)
     with pytest.raises(CheckpointError, match='checkpoint not found'):
         load_weights(model, tmp_path / 'nope.pth')
     torch.save({'model': {}, 'cfg': argparse.ArgumentParser}, tmp_path / 'evil.pth')
-    with pytest.raises(ValueError, match='refusing to unpickle'):
+    with pytest.raises(ValueError, match='holds a argparse.ArgumentParser object.*refusing it'):
         load_weights(model, tmp_path / 'evil.pth')
+    (tmp_path / 'noise.pth').write_bytes(torch.randint(0, 256, (1000,), dtype=torch.uint8).numpy().tobytes())
+    with pytest.raises(CheckpointError, match='noise.pth is not a PyTorch checkpoint'):
+        load_weights(model, tmp_path / 'noise.pth')
     (tmp_path / 'w.safetensors').write_bytes(b'')
     monkeypatch.setitem(sys.modules, 'safetensors', None)
     with pytest.raises(ImportError, match='pip install safetensors'):
         load_weights(model, tmp_path / 'w.safetensors')
 
 
-def official_forward(sd, images, keep, loc, num_clr, depth, heads, eps=1e-6):
-    """The paper's EViT + CLCA forward, written out independently: explicit attention matrices,
-    the complement of the top-k gathered in index order, the cache loop as in its code (eval mode)."""
-    w = lambda name: sd[name]
-    x = F.conv2d(images, w('patch_embed.proj.weight'), w('patch_embed.proj.bias'), stride=4).flatten(2).transpose(1, 2)
-    B, D = x.shape[0], x.shape[2]
-    cls, clr = w('cls_token').expand(B, -1, -1), w('clr').expand(B, -1, -1)
-    if sd['pos_embed'].shape[1] == x.shape[1]:  # DeiT-3: no position row for CLS (nor CLR)
-        x = torch.cat([cls, x + w('pos_embed'), clr], 1)
-    else:
-        x = torch.cat([cls, x, clr], 1) + w('pos_embed')
-    ls = lambda name, t: t * sd[name] if name in sd else t
-    cache, cls_list, curr = [], [], x.shape[1] - num_clr
-    recovery = list(loc) + [depth - 2]
-    for i in range(depth):
-        p = f'blocks.{i}.'
-        N = x.shape[1]
-        h = F.layer_norm(x, (D,), w(p + 'norm1.weight'), w(p + 'norm1.bias'), eps)
-        q, k, v = F.linear(h, w(p + 'attn.qkv.weight'), w(p + 'attn.qkv.bias')).reshape(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4)
-        attn = ((q * (D // heads) ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
-        x = x + ls(p + 'ls1.gamma', F.linear((attn @ v).transpose(1, 2).reshape(B, N, D), w(p + 'attn.proj.weight'), w(p + 'attn.proj.bias')))
-        if i in loc and math.ceil(keep * (N - 1)) != N - 1:
-            left = math.ceil(keep * (N - 1))
-            cls_attn = attn[:, :, 0, 1:].mean(1)
-            idx = cls_attn.topk(left, dim=1, largest=True, sorted=True).indices
-            compl = torch.stack([torch.tensor(sorted(set(range(N - 1)) - set(r.tolist()))) for r in idx])
-            non_cls = x[:, 1:]
-            others = torch.stack([non_cls[b, idx[b]] for b in range(B)])
-            dropped = torch.stack([non_cls[b, compl[b]] for b in range(B)])
-            weights = torch.stack([cls_attn[b, compl[b]] for b in range(B)])
-            x = torch.cat([x[:, :1], others, (dropped * weights.unsqueeze(-1)).sum(1, keepdim=True)], 1)
-        h = F.layer_norm(x, (D,), w(p + 'norm2.weight'), w(p + 'norm2.bias'), eps)
-        x = x + ls(p + 'ls2.gamma', F.linear(F.gelu(F.linear(h, w(p + 'mlp.fc1.weight'), w(p + 'mlp.fc1.bias'))),
-                                            w(p + 'mlp.fc2.weight'), w(p + 'mlp.fc2.bias')))
-        if i in recovery:
-            curr = x.shape[1]
-            x, cache = torch.cat([x] + cache, 1), []
-        if i < recovery[-1]:
-            cache.append(torch.cat([x[:, 1:curr].mean(1, keepdim=True), x[:, -num_clr:]], 1))
-        if i in loc or i == depth - 1:
-            cls_list.append(x[:, 0])
-    feats = torch.stack(cls_list, -1)
-    bn = lambda t, n: F.batch_norm(t, w(n + 'running_mean'), w(n + 'running_var'), w(n + 'weight'), w(n + 'bias'), eps=1e-5)
-    h = bn(feats, 'ifa_head.0.0.')
-    h = F.conv1d(h, w('ifa_head.0.1.weight'), w('ifa_head.0.1.bias'), stride=len(cls_list), groups=D)
-    h = F.gelu(bn(h, 'ifa_head.0.2.'))
-    return F.conv1d(h, w('ifa_head.0.4.weight'), w('ifa_head.0.4.bias')).flatten(1)
-
-
-@pytest.mark.parametrize('backbone', ['vit_tiny_patch16_224', 'deit3_small_patch16_224'])
-def test_an_official_checkpoint_loads_and_gives_the_official_outputs(tmp_path, backbone):
-    trained = tiny(backbone=backbone, method='evit', keep=0.3, clc=True, cla=True)
-    sd = {k: torch.randn_like(v) * 0.3 if v.is_floating_point() else v for k, v in trained.state_dict().items()}
-    sd = sd | {k: v + 1 for k, v in sd.items() if k.endswith('.gamma')}  # LayerScale gains far from 0
-    sd = sd | {k: v.abs() + 0.5 for k, v in sd.items() if k.endswith('running_var')}
-    official = {'model': sd | {'head.weight': torch.randn(1000, 48), 'head.bias': torch.zeros(1000)},
-                'optimizer': {'state': {}, 'param_groups': []}, 'lr_scheduler': {'last_epoch': 49}, 'epoch': 49,
-                'scaler': {'scale': 65536.0}, 'args': argparse.Namespace(model='vit_tiny', keep_rate=[0.3], clc=True)}
-    torch.save(official, tmp_path / 'official.pth')
-    model = tiny(backbone=backbone, method='evit', keep=0.3, clc=True, cla=True).eval()
-    missing, unexpected = load_weights(model, tmp_path / 'official.pth', verbose=False)
-    assert missing == [] and unexpected == []  # the unused 1000-way head is dropped
-    images = IMAGES(3)
-    with torch.no_grad():
-        ours = model(images)
-        theirs = official_forward(sd, images, 0.3, (3, 6, 9), num_clr=1, depth=12, heads=3)
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
-
-
-PAPER_GMACS = [  # DESIGN Sec. 9: ViT-B/16 + EViT at loc (3, 6, 9): (size, keep, base, CLCA)
+PAPER_GMACS = [  # the paper's cost of ViT-B/16 + EViT at loc (3, 6, 9), in GMACs: (size, keep, base, CLCA)
     (448, 1.0, 78.49, 79.48), (448, 0.7, 50.16, 50.85), (448, 0.5, 38.20, 38.76), (448, 0.25, 28.55, 28.98),
     (448, 0.1, 24.79, 25.17), (224, 1.0, 17.56, 18.36), (224, 0.1, 5.63, 5.96),
 ]
@@ -281,7 +214,7 @@ def test_gmacs_reproduce_the_paper_table(size, keep, base, clca):
     for on, want in ((False, base), (True, clca)):
         with torch.device('meta'):
             model = create_model('deit_base_patch16_224', 200, img_size=size, method='evit', keep=keep, clc=on, cla=on)
-        assert gmacs(model) == pytest.approx(want, abs=0.05)
+        assert gmacs(model) == pytest.approx(want, abs=0.01)
 
 
 def test_config_keeps_a_single_rate_as_a_tuple():

@@ -50,7 +50,7 @@ def test_evit_leaves_the_sequence_alone_when_the_count_rounds_up_to_everything()
 
 
 def expected_lengths(num_tokens, keeps, fuse, loc, depth, clc=False, num_clr=0, gap=True, last=True):
-    """Sequence length after each block, from the keep rule of DESIGN Sec. 3 and the recovery of Sec. 4."""
+    """Sequence length after each block, from EViT's keep rule and the cache's recoveries (+6, +6, +6, +2)."""
     n, out, pending = num_tokens, [], 0
     recovery = sorted(set(loc) | ({depth - 2} if last else set())) if clc else []
     for i in range(depth):
@@ -176,7 +176,7 @@ def test_pooling_methods_keep_cls_and_pool_into_the_scheduled_count(method, clc)
     with torch.no_grad():
         _, seen = trace(model, torch.randn(2, 3, 32, 32))
     for s, i in enumerate((3, 6, 9)):
-        k = max(1, int(64 * 0.1 ** (s + 1)))  # 6, then 0 -> floored at 1 (the reference pools into nothing)
+        k = int(64 * 0.1 ** (s + 1))  # 6, then 0 and 0: as in the reference, such a stage pools into nothing
         out = seen[i][1]  # the block pools its input first, then runs on [CLS, k pooled tokens]
         assert out.x.shape[1] == 1 + k and (out.idx[:, 0] == 0).all() and (out.idx[:, 1:] == -1).all()
 
@@ -222,7 +222,7 @@ def test_dpcknn_with_clc_protects_clr_and_every_recovered_token():
     for i, protected in ((3, 1), (6, 1 + 6), (9, 1 + 12)):  # CLR, then 6 more per recovery
         block_in, block_out = seen[i]
         assert block_in.protected == protected
-        k = max(1, int(64 * 0.25 ** ((3, 6, 9).index(i) + 1)))
+        k = {3: 16, 6: 5, 9: 1}[i]  # int(64 * 0.25^(s+1)) = 16, 4, 1, and the reference's floor of 5 before the last
         assert block_out.x.shape[1] == 1 + k + protected
 
 

@@ -87,6 +87,18 @@ def test_resuming_a_missing_corrupt_or_foreign_checkpoint_is_one_clear_error(tmp
         train.main(['--resume', str(tmp_path / 'timm.pt')])
 
 
+def test_a_short_run_shrinks_the_default_warm_up_and_cool_down_but_refuses_given_ones(capsys):
+    args = train.parse_args(['--dataset', 'cotton', '--data-dir', 'D', '--epochs', '1'])
+    assert (args.epochs, args.warmup_epochs, args.cooldown_epochs) == (1, 0, 0)
+    assert '--epochs 1: 0 warm-up and 0 cool-down epochs' in capsys.readouterr().out
+    args = train.parse_args(['--dataset', 'cotton', '--epochs', '4', '--warmup-epochs', '3'])
+    assert (args.warmup_epochs, args.cooldown_epochs) == (3, 0)  # the given value stays, the default gives way
+    assert train.parse_args(['--dataset', 'cotton', '--epochs', '10']).cooldown_epochs == 5  # the paper's, fits
+    with pytest.raises(SystemExit):
+        train.parse_args(['--dataset', 'cotton', '--epochs', '1', '--warmup-epochs', '2'])
+    assert 'exceed --epochs' in capsys.readouterr().err
+
+
 @pytest.mark.parametrize('argv,match', [
     (['--keep', '0'], 'keep'), (['--keep', '1.5'], 'keep'), (['--loc', '3', '12'], 'loc'),
     (['--img-size', '30'], 'multiple of patch_size'), (['--epochs', '0'], 'epochs'),
