@@ -75,7 +75,8 @@ def find_samples(root: Path, split: str, image_dir: str = 'images'):
         with open(csv_file, newline='', encoding='utf-8-sig') as f:
             reader = csv.DictReader(f)
             if not {'class_id', 'dir'} <= set(reader.fieldnames or ()):
-                raise DatasetError(f'{csv_file}: expected columns class_id,dir, found {",".join(reader.fieldnames or [])}')
+                found = ','.join(reader.fieldnames or [])
+                raise DatasetError(f'{csv_file}: expected columns class_id,dir, found {found}')
             rows = [(r['dir'], r['class_id']) for r in reader]
         samples = [(root / image_dir / d, _label(c, csv_file)) for d, c in rows]
     elif (root / 'anno' / f'{split}.txt').is_file():  # (b) lines "<image> <1-based label>"
@@ -129,7 +130,8 @@ def build_dataset(name: str, split: str, img_size: int, data_dir=None, mean=None
         raise DatasetError(f'the {split} split in {root} has no images')
     bad = [(p, c) for p, c in samples if not 0 <= c < num_classes]
     if bad:
-        raise DatasetError(f'{bad[0][0]}: label {bad[0][1]} is outside 0..{num_classes - 1} ({name} has {num_classes} classes)')
+        raise DatasetError(f'{bad[0][0]}: label {bad[0][1]} is outside 0..{num_classes - 1} '
+                           f'({name} has {num_classes} classes)')
     return ImageList(samples, num_classes, tf), num_classes
 
 

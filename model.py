@@ -1,21 +1,20 @@
-"""CLCA model: a ViT written from scratch, the cross-layer cache (CLC), the cross-layer aggregation
-head (CLA) and weight loading.
+"""CLCA model: a ViT written from scratch, the cross-layer cache (CLC) and the cross-layer aggregation
+head (CLA), and what the model costs.
 
 Paper: Rios et al., "Cross-Layer Cache Aggregation for Token Reduction in Ultra-Fine-Grained Image
 Recognition", ICASSP 2025 (arXiv 2501.00243). Parameter names follow timm, so a timm checkpoint
-loads as a plain key copy; the CLA head is called `ifa_head` as in the paper's code for the same
-reason. The token reduction methods live in reduce.py.
+loads as a plain key copy (weights.py); the CLA head is called `ifa_head` as in the paper's code for
+the same reason. The token reduction methods live in reduce.py; this file meets them only through
+`Tokens` and the one `Reducer` interface.
 """
-import argparse
-import math
-import os
-import pickle
 import re
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from reduce import Tokens, build_reducers
 
@@ -115,22 +114,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
 
-    def forward(self, x, bias=None, policy=None):
+    def forward(self, x, attend=F.scaled_dot_product_attention):
         """Returns the attention output (B, N, D) and its inputs (q, k, v), each (B, H, N, D/H),
-        which a reducer inside the block reads its scores from. `bias` is added to the logits;
-        `policy` (B, N, 1), DynamicViT's training decisions, hides dropped keys."""
+        which a reducer inside the block reads its scores from. `attend(q, k, v)` is how the tokens
+        attend to each other: `Tokens.attend`, the fused kernel unless a reduction says otherwise."""
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)  # (B, N, 3, H, D/H)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                           # 3 x (B, H, N, D/H)
-        if policy is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)        # fused kernel
-        else:  # DynamicViT, training only: the mask must pass gradients to the decisions, so it
-            # multiplies the exponentials, each token always sees itself, and eps keeps rows finite
-            logits = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5               # (B, H, N, N)
-            keep = policy.view(B, 1, 1, N)
-            keep = keep + (1 - keep) * torch.eye(N, device=x.device, dtype=keep.dtype)
-            attn = (logits - logits.amax(-1, keepdim=True)).float().exp() * keep.float()
-            out = ((attn + 1e-6 / N) / (attn.sum(-1, keepdim=True) + 1e-6)).to(v.dtype) @ v
+        out = attend(q, k, v)                                                    # (B, H, N, D/H)
         return self.proj(out.transpose(1, 2).reshape(B, N, D)), (q, k, v)
 
 
@@ -165,7 +156,7 @@ class Block(nn.Module):
     def forward(self, t: Tokens, reducer=None) -> Tokens:
         if reducer is not None and reducer.before_block:
             t = reducer(t, None)
-        out, qkv = self.attn(self.norm1(t.x), t.attn_bias(), t.decision if self.training else None)
+        out, qkv = self.attn(self.norm1(t.x), t.attend)
         t = replace(t, x=t.x + self.ls1(out))
         if reducer is not None and not reducer.before_block:
             t = reducer(t, qkv)  # attention saw all N tokens, the MLP sees the survivors only
@@ -186,13 +177,13 @@ class ViT(nn.Module):
         self.clr = nn.Parameter(torch.zeros(1, self.num_clr, D)) if self.num_clr else None
         self.norm_pre = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
-        self.reducers = build_reducers(cfg.method, cfg.keep, len(cfg.loc), P, D, cfg.clc)
+        self.reducers = build_reducers(cfg)
         self.stage = {i: s for s, i in enumerate(cfg.loc)} if len(self.reducers) else {}
         # CLCA Sec. 2.2: recover after every reduction, and once more at depth - 2
         self.recovery = sorted(set(cfg.loc) | ({cfg.depth - 2} if cfg.clc_last else set()))
         # CLCA Sec. 2.3: the CLS after each location and after the last block, g = len(loc) + 1 vectors
         self.cla_layers = sorted(set(cfg.loc) | {cfg.depth - 1})
-        if cfg.cla:
+        if cfg.cla:  # nested exactly as in the paper's code, so that its checkpoints load as a key copy
             g, wide = len(self.cla_layers), cfg.cla_filters * D
             self.ifa_head = nn.Sequential(nn.Sequential(
                 nn.BatchNorm1d(D),
@@ -237,19 +228,21 @@ class ViT(nn.Module):
         idx[1 + self.num_patches:] = -1  # CLR tokens are made tokens
         return Tokens(x=self.norm_pre(x), idx=idx.expand(B, -1), protected=self.num_clr)
 
-    def carriers(self, t: Tokens, n):
-        """CLCA Sec. 2.2: one cache entry, [GAP of positions 1..n-1, the last num_clr tokens]."""
-        parts = [t.mean(1, n)] if self.cfg.clc_gap else []  # (B, 1, D), ATS's padding left out
+    def carriers(self, t: Tokens, survived: int):
+        """CLCA Sec. 2.2: one cache entry, [GAP of positions 1..survived-1, the last num_clr tokens].
+        `survived` is the length before the last recovery appended anything, so the GAP averages the
+        tokens that survived the reductions (at first the patches), not the carriers recovered behind them."""
+        parts = [t.mean(1, survived)] if self.cfg.clc_gap else []  # (B, 1, D); 0 if none survived
         if self.num_clr:
             parts.append(t.x[:, -self.num_clr:])           # (B, num_clr, D)
         return torch.cat(parts, 1)
 
-    def forward(self, images):
-        """images (B, 3, S, S) -> logits (B, num_classes); in training, for a method with an auxiliary
-        loss (DynamicViT), (logits, aux_loss)."""
+    def forward(self, images, labels=None):
+        """images (B, 3, S, S) -> (logits (B, num_classes), loss): the cross-entropy with `labels` plus
+        any training loss a reduction adds (DynamicViT's ratio loss), or None without labels."""
         t = self.embed(images)
         cache, cls_feats = [], []
-        n = 1 + self.num_patches  # GAP covers positions 1..n-1: the patches until the first recovery
+        survived = 1 + self.num_patches  # [CLS, patches]: the CLR carriers are not averaged
         for i, blk in enumerate(self.blocks):
             t = blk(t, self.reducers[self.stage[i]] if i in self.stage else None)
             if self.cfg.clc:
@@ -257,154 +250,40 @@ class ViT(nn.Module):
                     # Recover: append every carrier cached since the last recovery, oldest first. The
                     # last token is now a recovered carrier that block i never saw; the reference
                     # caches that stale copy next, and so do we (the paper's figure shows it).
-                    n = t.x.shape[1]
-                    if cache:  # DynamicViT's reference counts recovered tokens as kept in training,
-                        # as dropped in the global pooling of its eval-time predictor
-                        t, cache = t.append(torch.cat(cache, 1), decision=float(self.training)), []
+                    survived = t.x.shape[1]
+                    if cache:
+                        t, cache = t.append(torch.cat(cache, 1)), []
                 if i < self.recovery[-1]:
-                    cache.append(self.carriers(t, n))
+                    cache.append(self.carriers(t, survived))
             if self.cfg.cla and i in self.cla_layers:
                 cls_feats.append(t.x[:, 0])  # the raw residual stream, no LayerNorm
         logits = self.ifa_head(torch.stack(cls_feats, -1)) if self.cfg.cla else self.head(self.norm(t.x[:, 0]))
-        return (logits, t.aux) if self.training and any(r.has_aux for r in self.reducers) else logits
+        loss = None if labels is None else F.cross_entropy(logits.float(), labels) + t.loss
+        return logits, loss
 
 
 def create_model(backbone: str, num_classes: int, img_size: int = 224, method: str = 'none', keep=1.0,
-                 loc=(3, 6, 9), clc: bool = False, cla: bool = False, num_clr: int = 1, pretrained=None,
-                 **overrides) -> ViT:
-    """Build a ViT (timm name) with optional token reduction, CLC and CLA; `pretrained` is anything
-    `load_weights` takes. Further ModelConfig fields (clc_gap, clc_last, ...) go in `overrides`."""
+                 loc=(3, 6, 9), clc: bool = False, cla: bool = False, num_clr: int = 1, **overrides) -> ViT:
+    """Build a ViT (timm name) with optional token reduction, CLC and CLA, initialised as timm does;
+    `weights.load_weights` loads pretrained or trained weights into it. Further ModelConfig fields
+    (clc_gap, clc_last, depth, ...) go in `overrides`."""
     cfg = backbone_config(backbone, num_classes=num_classes, img_size=img_size, method=method, keep=keep,
                           loc=tuple(loc), clc=clc, cla=cla, num_clr=num_clr, **overrides)
-    model = ViT(cfg)
-    if pretrained is not None:
-        load_weights(model, pretrained)
-    return model
+    return ViT(cfg)
 
 
-# ---------------------------------------------------------------------------------------------
-# Weight loading: timm files, the official DeiT/MAE/DINO/MoCo v3 containers, the paper's checkpoints
+@torch.no_grad()
+def gmacs(model: ViT) -> float:
+    """Multiply-accumulates (billions) of a one-image forward: what the paper's cost tables call FLOPs.
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unsafe to unpickle, or does not fit the model."""
-
-
-def pretrained_url(backbone: str) -> str:
-    """Where timm publishes the weights of a tagged backbone name, e.g. 'deit_base_patch16_224.fb_in1k'."""
-    if '.' not in backbone:
-        raise CheckpointError(f'{backbone} has no pretrained tag: name one (e.g. {backbone}.augreg_in21k), '
-                              'pass a file with --pretrained, or train from scratch with --pretrained none')
-    return f'https://huggingface.co/timm/{backbone}/resolve/main/pytorch_model.bin'
-
-
-def open_checkpoint(source):
-    """The object stored at a path or an http(s) URL (downloaded once into torch.hub's cache), or
-    `source` itself if it is already loaded. Unpickles plain containers, tensors and
-    argparse.Namespace (the paper's saved 'args') only."""
-    if not isinstance(source, (str, os.PathLike)):
-        return source
-    path = str(source)
-    if path.startswith(('http://', 'https://')):
-        name = re.sub(r'[^\w.-]+', '_', path.split('://', 1)[1].split('?')[0])  # unique per URL
-        dst = os.path.join(torch.hub.get_dir(), 'checkpoints', name)
-        if not os.path.exists(dst):
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            try:
-                torch.hub.download_url_to_file(path, dst)
-            except OSError as e:  # URLError and HTTPError are OSErrors
-                raise CheckpointError(f'could not download {path} ({e}): download it where there is a network '
-                                      'and pass the file (--pretrained PATH), or use --pretrained none') from None
-        path = dst
-    if not os.path.isfile(path):
-        raise CheckpointError(f'checkpoint not found: {path}')
-    if path.endswith('.safetensors'):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ImportError(f'{path} is a .safetensors file: pip install safetensors to read it') from None
-        return load_file(path)
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        unsafe = re.search(r'GLOBAL ([\w.]+)', str(e))  # a real checkpoint that holds more than tensors
-        if unsafe:
-            raise CheckpointError(f'{path} holds a {unsafe.group(1)} object, and unpickling it could run code: '
-                                  'refusing it (load only tensors, containers and argparse.Namespace)') from None
-        raise CheckpointError(f'{path} is not a PyTorch checkpoint (its bytes are no pickle torch.load can read)') from None
-    except (RuntimeError, KeyError, EOFError, ValueError) as e:
-        raise CheckpointError(f'{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0][:120]})') from None
-
-
-def read_checkpoint(source) -> dict:
-    """A flat {name: tensor} from anything `open_checkpoint` takes.
-
-    Understands timm files, the official DeiT/MAE/DINO/MoCo v3 containers ('model', 'state_dict',
-    'module.' and 'base_encoder.' prefixes), the paper's training checkpoints and this project's.
+    torch's flop counter sees matmuls and convolutions, attention included when SDPA runs as its
+    math decomposition. Works on a model built on the meta device (no memory, no compute).
     """
-    sd = open_checkpoint(source)
-    for key in ('model', 'state_dict', 'module'):
-        if isinstance(sd.get(key), dict):
-            sd = sd[key]
-    sd = {k.removeprefix('module.'): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    # the paper's code names the learned parts of a reduction after the method; here they are `reducers`
-    sd = {re.sub(r'^(cluster_layers|score_predictor)\.', 'reducers.', k): v for k, v in sd.items()}
-    if any(k.startswith('base_encoder.') for k in sd):  # MoCo v3: keep the online encoder only
-        sd = {k.removeprefix('base_encoder.'): v for k, v in sd.items() if k.startswith('base_encoder.')}
-    return sd
-
-
-def resample_grid(pos: torch.Tensor, side: int) -> torch.Tensor:
-    """Bicubic (antialiased) resampling of grid position embeddings (1, g*g, D) -> (1, side*side, D)."""
-    g, D = math.isqrt(pos.shape[1]), pos.shape[2]
-    if g == side:
-        return pos
-    grid = pos.float().reshape(1, g, g, D).permute(0, 3, 1, 2)                  # (1, D, g, g)
-    grid = F.interpolate(grid, size=(side, side), mode='bicubic', antialias=True, align_corners=False)
-    return grid.permute(0, 2, 3, 1).reshape(1, side * side, D).to(pos.dtype)     # (1, side*side, D)
-
-
-def load_weights(model: ViT, source, verbose: bool = True):
-    """Load a checkpoint into `model`: resample pos_embed to the model's grid, drop a classifier
-    head that does not fit, refuse any other shape mismatch, then start CLR from the loaded CLS
-    when the checkpoint has none. Returns torch's (missing_keys, unexpected_keys)."""
-    sd = read_checkpoint(source)
-    own = model.state_dict()
-    notes = []
-    if 'pos_embed' in sd:
-        pos, prefix = sd['pos_embed'], 0 if model.cfg.no_embed_class else 1
-        extra = sd['clr'].shape[1] if 'clr' in sd and prefix else 0  # the paper's code appends CLR rows
-        cells = pos.shape[1] - prefix - extra
-        if math.isqrt(cells) ** 2 != cells:
-            raise CheckpointError(f'checkpoint pos_embed has {pos.shape[1]} rows, which is no square grid with '
-                                  f'{prefix} CLS row(s): is the backbone right (DeiT-3 has no CLS position row)?')
-        mine = own['pos_embed'][:, prefix + model.num_patches:]  # this model's CLR rows
-        clr_rows = pos[:, prefix + cells:] if extra == mine.shape[1] else mine.to(pos)
-        side = math.isqrt(model.num_patches)
-        sd['pos_embed'] = torch.cat([pos[:, :prefix], resample_grid(pos[:, prefix:prefix + cells], side),
-                                     clr_rows], 1)
-        if cells != model.num_patches:
-            notes.append(f'resampled pos_embed grid {math.isqrt(cells)}x{math.isqrt(cells)} -> {side}x{side}')
-    for k in [k for k in sd if k.startswith('head.')]:
-        if k not in own or own[k].shape != sd[k].shape:
-            notes.append(f'dropped {k} {tuple(sd.pop(k).shape)} (this model has its own classifier)')
-    bad = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in sd.items() if k in own and v.shape != own[k].shape]
-    if bad:
-        raise CheckpointError(f'checkpoint does not fit this model ({len(bad)} shape mismatches, checkpoint vs '
-                              f'model): {"; ".join(bad[:3])}: check backbone, patch size, num_clr and num_classes')
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if 'clr' in missing and 'cls_token' in sd:
-        model.init_clr()
-        missing.remove('clr')
-        notes.append('initialised CLR from the loaded CLS token')
-    if verbose:
-        for what, keys in (('missing (kept as initialised)', missing), ('unexpected (ignored)', unexpected)):
-            groups = {}  # 'ifa_head.0.1.bias', 'ifa_head.0.4.weight' -> 'ifa_head.* (2)'
-            for k in keys:
-                groups.setdefault(k.split('.')[0], []).append(k)
-            if keys:
-                notes.append(f'{what}: ' + ', '.join(g[0] if len(g) == 1 else f'{top}.* ({len(g)})'
-                                                      for top, g in groups.items()))
-        name = source if isinstance(source, (str, os.PathLike)) else 'a state dict'
-        print(f'loaded {len(sd) - len(unexpected)} tensors from {name}' + ''.join('\n  ' + n for n in notes))
-    return missing, unexpected
+    p = next(model.parameters())
+    images = torch.randn(1, 3, model.cfg.img_size, model.cfg.img_size, device=p.device, dtype=p.dtype)
+    was_training = model.training
+    model.eval()
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(images)
+    model.train(was_training)
+    return counter.get_total_flops() / 2e9

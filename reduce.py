@@ -11,12 +11,16 @@ all N tokens, the MLP runs only on the survivors (EViT, Top-K, ToMe, ATS). A red
 `before_block = True` runs on the block's input and receives `qkv = None` (PatchMerger, SiT,
 DPC-KNN, DynamicViT).
 
+A method that changes more of the ViT than the token count does it through the tokens, never
+through model.py: ToMe's proportional attention and ATS's padding through `Tokens.attn_bias`,
+DynamicViT's gated attention through `DecidedTokens.attend`, its ratio loss through `Tokens.loss`.
+
 The CLS token is always position 0 and is never removed. The keep rule differs per method in the
 reference code; each reducer's docstring says which one it follows and why.
 """
 import math
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import torch
@@ -28,50 +32,58 @@ METHODS = ('none', 'evit', 'topk', 'tome', 'ats', 'patchmerger', 'sit', 'dpcknn'
 
 @dataclass
 class Tokens:
-    """The token sequence that flows through the blocks, CLS first."""
+    """The token sequence that flows through the blocks, CLS first.
+
+    A reduction makes a new record with `select` (keep some rows), `append` (add made tokens at the end)
+    or `dataclasses.replace` (anything else); every field it does not touch carries over.
+    """
     x: torch.Tensor    # (B, N, D) features
     idx: torch.Tensor  # (B, N) position in the input sequence: 0 = CLS, 1..P = patches, -1 = made here
                        # (a CLR carrier, a fused, pooled or recovered token, ATS's padding)
-    size: Optional[torch.Tensor] = None  # (B, N, 1) input tokens merged into each token (ToMe), else None
-    protected: int = 0  # trailing appended tokens: CLR carriers, tokens recovered from the cache (and EViT's
-                        # fused token, which no later DPC-KNN sees); DPC-KNN leaves them alone
-    decision: Optional[torch.Tensor] = None  # (B, N, 1) DynamicViT's keep decisions (1 kept, 0 dropped), else None
-    mask: Optional[torch.Tensor] = None  # (B, N) bool, False for ATS's padding, else None
-    aux: torch.Tensor | float = 0.0  # auxiliary training loss added by the reducers (DynamicViT's ratio loss)
+    size: Optional[torch.Tensor] = None   # (B, N, 1) input tokens merged into each token (ToMe), else None
+    protected: int = 0  # length of the suffix of appended tokens (CLR carriers, tokens recovered from the cache,
+                        # EViT's fused token) that DPC-KNN leaves alone
+    valid: Optional[torch.Tensor] = None  # (B, N) bool, False on ATS's padding, else None
+    loss: torch.Tensor | float = 0.0      # training loss the reductions add to the cross-entropy (DynamicViT's)
 
-    def select(self, index: torch.Tensor) -> 'Tokens':
-        """Keep the tokens at `index` (B, K), in that order."""
+    def select(self, index: torch.Tensor, protected: int = 0) -> 'Tokens':
+        """Keep the tokens at `index` (B, K), in that order; the last `protected` of them form the new
+        protected suffix (none by default: a selection reorders the tokens)."""
         x = self.x.gather(1, index.unsqueeze(-1).expand(-1, -1, self.x.shape[-1]))  # (B, K, D)
-        pick = lambda v: None if v is None else v.gather(1, index.unsqueeze(-1))  # (B, K, 1)
-        mask = None if self.mask is None else self.mask.gather(1, index)         # (B, K)
-        return replace(self, x=x, idx=self.idx.gather(1, index), size=pick(self.size), decision=pick(self.decision),
-                       mask=mask, protected=0)
+        size = None if self.size is None else self.size.gather(1, index.unsqueeze(-1))  # (B, K, 1)
+        valid = None if self.valid is None else self.valid.gather(1, index)              # (B, K)
+        return replace(self, x=x, idx=self.idx.gather(1, index), size=size, valid=valid, protected=protected)
 
-    def append(self, extra: torch.Tensor, decision: float = 1.0) -> 'Tokens':
-        """Append made tokens `extra` (B, M, D) at the end of the sequence, into the protected suffix;
-        each counts as one token, and as `decision` for DynamicViT."""
-        made = self.idx.new_full(extra.shape[:2], -1)  # (B, M)
-        pad = lambda v, value: None if v is None else torch.cat([v, v.new_full((*extra.shape[:2], 1), value)], 1)
-        mask = None if self.mask is None else F.pad(self.mask, (0, extra.shape[1]), value=True)
-        return replace(self, x=torch.cat([self.x, extra], 1), idx=torch.cat([self.idx, made], 1),
-                       size=pad(self.size, 1.0), decision=pad(self.decision, decision), mask=mask,
-                       protected=self.protected + extra.shape[1])
+    def append(self, extra: torch.Tensor) -> 'Tokens':
+        """Append made tokens `extra` (B, M, D) at the end, into the protected suffix; each one is a
+        single token (size 1) and never padding."""
+        B, M, _ = extra.shape
+        size = None if self.size is None else torch.cat([self.size, self.size.new_ones(B, M, 1)], 1)
+        valid = None if self.valid is None else F.pad(self.valid, (0, M), value=True)
+        idx = torch.cat([self.idx, self.idx.new_full((B, M), -1)], 1)                  # (B, N + M)
+        return replace(self, x=torch.cat([self.x, extra], 1), idx=idx, size=size, valid=valid,
+                       protected=self.protected + M)
 
     def attn_bias(self) -> Optional[torch.Tensor]:
         """Added to the attention logits, (B, 1, 1, N) or None: log(size), ToMe's proportional
         attention, and -inf on ATS's padding, which no token may attend to."""
-        if self.mask is not None:
-            return torch.zeros_like(self.mask, dtype=self.x.dtype).masked_fill(~self.mask, -math.inf)[:, None, None]
+        if self.valid is not None:
+            return torch.zeros_like(self.valid, dtype=self.x.dtype).masked_fill(~self.valid, -math.inf)[:, None, None]
         return None if self.size is None else self.size.log().to(self.x.dtype).transpose(1, 2).unsqueeze(1)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """How these tokens attend to each other: q, k, v (B, H, N, hd) -> (B, H, N, hd). The fused
+        kernel, with `attn_bias`; DynamicViT's training tokens override it."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.attn_bias())
 
     def mean(self, start: int, end: int) -> torch.Tensor:
         """Mean of the tokens at positions start..end-1, padding left out: (B, 1, D)."""
         x = self.x[:, start:end]
         if x.shape[1] == 0:  # the reference's mean of no tokens is NaN, which then spreads to the logits: 0 here
             return self.x.new_zeros(x.shape[0], 1, x.shape[2])
-        if self.mask is None:
+        if self.valid is None:
             return x.mean(1, keepdim=True)
-        valid = self.mask[:, start:end, None].to(x.dtype)                               # (B, M, 1)
+        valid = self.valid[:, start:end, None].to(x.dtype)                              # (B, M, 1)
         return (x * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1)
 
 
@@ -90,71 +102,73 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor]
 def evit(t: Tokens, cls_attn: torch.Tensor, keep: float, fuse: bool = True) -> Tokens:
     """EViT (Liang et al., ICLR 2022): keep the tokens the CLS token attends to most.
 
-    Scores are the CLS attention probabilities (over all N keys, CLS included, then CLS's own entry
-    is dropped, so they need not sum to 1). Keeps `ceil(keep * (N - 1))` of the *current* non-CLS
-    tokens, in descending score order; with `fuse`, all other tokens are summed into one extra
-    token weighted by their scores (a weighted sum, not an average), appended last. As in the
-    reference code, nothing happens when the count rounds up to all tokens, and the rate applies to
-    the current length (the EViT paper's own rule), not to a schedule over the patch count.
-    `fuse=False` is Top-K, EViT's ablation without the fused token.
+    t: N tokens; cls_attn (B, N): CLS attention probabilities over all N keys (heads averaged);
+    keep: a rate. Returns [CLS, the ceil(keep * (N - 1)) best-scored tokens in descending score order,
+    and with `fuse` one extra token, the score-weighted sum of all the others]. `fuse=False` is
+    Top-K, EViT's ablation without the fused token.
+
+    Follows the reference code in:
+    - the rate applies to the current non-CLS tokens (EViT's own rule), not to a schedule over patches;
+    - nothing happens when the count rounds up to all tokens;
+    - the fused token is a weighted sum, not an average (the scores of the dropped tokens need not sum to 1).
     """
     B, N, D = t.x.shape
-    num_keep = math.ceil(keep * (N - 1))  # same float expression as the reference: same counts
-    if num_keep >= N - 1:
+    num_kept = math.ceil(keep * (N - 1))  # same float expression as the reference: same counts
+    if num_kept >= N - 1:
         return t
     score = cls_attn[:, 1:]                                                   # (B, N-1)
-    top = score.topk(num_keep, dim=1).indices                                 # (B, K) best first
-    order = torch.cat([top.new_zeros(B, 1), top + 1], 1)                     # (B, 1+K) CLS first
-    kept = t.select(order)
+    top = score.topk(num_kept, dim=1).indices                                 # (B, K) best first
+    survivors = t.select(torch.cat([top.new_zeros(B, 1), top + 1], 1))        # (B, 1+K) rows, CLS first
     if not fuse:
-        return kept
+        return survivors
     dropped = score.scatter(1, top, 0.0).to(t.x.dtype)                        # (B, N-1) 0 where kept
-    fused = dropped.unsqueeze(1) @ t.x[:, 1:]                                 # (B, 1, D)
-    return kept.append(fused)
+    return survivors.append(dropped.unsqueeze(1) @ t.x[:, 1:])                # fused: (B, 1, D)
 
 
 def tome(t: Tokens, metric: torch.Tensor, r: int) -> Tokens:
-    """ToMe (Bolya et al., ICLR 2023): merge the r most redundant tokens, bipartite soft matching.
+    """ToMe (Bolya et al., ICLR 2023): merge the r most redundant tokens by bipartite soft matching.
 
-    Tokens alternate into sets A (even positions, CLS among them) and B (odd positions). Each A
-    token finds its most similar B token by the cosine similarity of `metric` (B, N, C), the keys
-    averaged over heads; the r A tokens with the best matches are merged into their partners by a
-    size-weighted average, and the output is [unmerged A in position order, all of B], CLS first.
-    CLS never merges. As in ToMe, at most (N - 1) // 2 tokens go per call, so at keep rates below
-    0.5 ToMe removes fewer tokens than its schedule asks and costs more than EViT; CLCA keeps this
-    cap. A merged token keeps its B partner's `idx`. The matching needs the (N/2 x N/2) similarity
-    matrix of A against B, which it builds; attention itself stays fused.
+    t: N tokens; metric (B, N, C): what similarity is measured on (the keys, heads averaged); r: how
+    many tokens to merge away. Returns N - r tokens [unmerged A in position order, all of B], CLS first,
+    with `size` counting the input tokens in each. Tokens alternate into sets A (even positions, CLS
+    among them) and B (odd); each A token's best B partner is its most similar by cosine; the r A
+    tokens with the best matches are merged into their partners by a size-weighted average. CLS never
+    merges; a merged token keeps its B partner's `idx`. Builds the (N/2 x N/2) similarity matrix.
+
+    Follows the reference code in:
+    - at most (N - 1) // 2 tokens go per call, so below keep 0.5 ToMe removes fewer tokens than its
+      schedule asks and stays costlier than EViT.
+    Differs from the paper:
+    - the similarity is computed in fp32 (in bf16 many cosines tie).
     """
     B, N, D = t.x.shape
     r = min(r, (N - 1) // 2)
     if r <= 0:
         return t
     with torch.no_grad():
-        m = metric.float() / metric.float().norm(dim=-1, keepdim=True)  # fp32: bf16 cosines tie
-        scores = m[:, ::2] @ m[:, 1::2].transpose(-1, -2)       # (B, Na, Nb) cosine similarity A -> B
-        scores[:, 0] = -math.inf                                 # CLS (A's first token) stays
-        best, partner = scores.max(-1)                           # (B, Na)
-        order = best.argsort(-1, descending=True)                # (B, Na) most redundant first
-        unmerged = order[:, r:].sort(-1).values                  # (B, Na - r) back in position order
+        m = metric.float() / metric.float().norm(dim=-1, keepdim=True)
+        scores = m[:, ::2] @ m[:, 1::2].transpose(-1, -2)        # (B, Na, Nb) cosine similarity A -> B
+        scores[:, 0] = -math.inf                                  # CLS (A's first token) stays
+        best, partner = scores.max(-1)                            # (B, Na)
+        order = best.argsort(-1, descending=True)                 # (B, Na) most redundant first
+        unmerged = order[:, r:].sort(-1).values                   # (B, Na - r) back in position order
         src, dst = order[:, :r], partner.gather(1, order[:, :r])  # (B, r) A rows into B rows
     size = t.size if t.size is not None else t.x.new_ones(B, N, 1)
 
     def merge(v):  # v (B, N, C) -> (B, N - r, C): sums, so sizes and size-weighted features add up
         a, b = v[:, ::2], v[:, 1::2]
-        keep = a.gather(1, unmerged.unsqueeze(-1).expand(-1, -1, v.shape[-1]))  # (B, Na - r, C)
+        stay = a.gather(1, unmerged.unsqueeze(-1).expand(-1, -1, v.shape[-1]))  # (B, Na - r, C)
         moved = a.gather(1, src.unsqueeze(-1).expand(-1, -1, v.shape[-1]))      # (B, r, C)
-        return torch.cat([keep, b.scatter_add(1, dst.unsqueeze(-1).expand(-1, -1, v.shape[-1]), moved)], 1)
+        return torch.cat([stay, b.scatter_add(1, dst.unsqueeze(-1).expand(-1, -1, v.shape[-1]), moved)], 1)
 
     new_size = merge(size)
     idx = torch.cat([t.idx[:, ::2].gather(1, unmerged), t.idx[:, 1::2]], 1)  # (B, N - r)
-    return Tokens(x=merge(t.x * size) / new_size, idx=idx, size=new_size)
+    return replace(t, x=merge(t.x * size) / new_size, idx=idx, size=new_size, protected=0)
 
 
 class Reducer(nn.Module):
-    """One reduction location. Subclasses set `before_block` and implement forward(tokens, qkv);
-    `has_aux` marks a method that adds an auxiliary loss to `tokens.aux` in training."""
+    """One reduction location: forward(tokens, qkv) -> tokens. `before_block` says where it runs."""
     before_block = False
-    has_aux = False
 
 
 class EViT(Reducer):
@@ -173,7 +187,8 @@ class EViT(Reducer):
 
 
 class ToMe(Reducer):
-    """ToMe at one location: merges a fixed r tokens (see `tome`)."""
+    """ToMe at one location: merges a fixed r tokens (see `tome`). Its other change to the ViT,
+    proportional attention (log(size) added to the logits), travels with the tokens: `Tokens.attn_bias`."""
 
     def __init__(self, r: int):
         super().__init__()
@@ -186,50 +201,48 @@ class ToMe(Reducer):
         return f'r={self.r}'
 
 
-def pooled(t: Tokens, merged: torch.Tensor) -> Tokens:
-    """[CLS, merged tokens]: the output of the methods that pool all non-CLS tokens into K new ones."""
-    return Tokens(x=torch.cat([t.x[:, :1], merged], 1), idx=F.pad(t.idx[:, :1], (0, merged.shape[1]), value=-1))
-
-
 def ats(t: Tokens, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_samples: int) -> Tokens:
     """Adaptive Token Sampling (Fayyaz et al., ECCV 2022), inside a block.
 
-    Significance of token j = sum over heads of (CLS attention to j) * ||v_j||, normalised to sum 1.
-    Its cumulative sum is inverted at the fixed points (2i + 1) / (2(K + 1)), i = 0, 1, ...: each
-    point takes the token whose cumulative score is nearest. The points come from the reference's own
-    float `arange` call, which stops before (2K + 1) / (2(K + 1)) and so gives K points, except for
-    some K (196, 268, 384: paper settings at 448 px) where rounding adds that last point. Points that land on the same token collapse,
-    so images keep different numbers of tokens (in position order, CLS first); the batch is padded
-    to its largest count with copies of CLS, marked in `t.mask` so that later attention, cache
-    averages and samplings ignore them. Padding is never sampled (the reference shifts its
-    cumulative score by 0.1 instead, which can still pick it once the cache appends tokens behind
-    it, and it averages padding into its cache tokens; both would make a batch differ from its
-    images one at a time). The block's attention ran on all rows; only the sampled rows go on.
+    t: N tokens; q, k, v (B, H, N, hd): the block's attention inputs; num_samples: K. Returns CLS and
+    at most K sampled tokens in position order, padded per batch (`valid`). The significance of token
+    j is the sum over heads of (CLS attention to j) * ||v_j||, normalised to sum 1; its cumulative sum
+    is inverted at fixed points (each point takes the token whose cumulative score is nearest), and
+    points that land on the same token collapse, so images keep different numbers of tokens. The
+    batch is padded to its largest count with copies of CLS; the block's attention ran on all rows,
+    only the sampled rows go on.
+
+    Follows the reference code in:
+    - the points (2i + 1) / (2(K + 1)) come from its float `arange`, which gives K points and, at some K
+      (196, 268, 384: paper settings at 448 px), one more; K = 0 gives none, and only CLS goes on.
+    Differs from the reference code:
+    - padding is never sampled and is left out of cache averages (the reference shifts its cumulative
+      score by 0.1 and averages it in), so a batch gives the outputs of its images one at a time.
     """
     B, H, N, _ = q.shape
     cls_attn = cls_attention(q, k, t.attn_bias())[:, :, 1:]                                # (B, H, N-1)
     score = (cls_attn * v[:, :, 1:].float().norm(dim=-1)).sum(1)                           # (B, N-1)
     cdf = (score / (score.sum(-1, keepdim=True) + 1e-6)).cumsum(-1)
-    if t.mask is not None:
-        cdf = cdf.masked_fill(~t.mask[:, 1:], math.inf)
+    if t.valid is not None:
+        cdf = cdf.masked_fill(~t.valid[:, 1:], math.inf)
     n = num_samples + 1  # the reference's sample count
     points = torch.arange(1 / (2 * n), (2 * n - 1) / (2 * n), 2 / (2 * n), device=q.device)  # (K,), rarely K+1
     if len(points) and N > 1:
         picked = (cdf[:, None, :] - points[None, :, None]).abs().argmin(-1) + 1           # (B, K) positions
     else:  # no point to sample (K rounds to 0), or nothing left but CLS: only CLS goes on
         picked = torch.zeros(B, 0, dtype=torch.long, device=q.device)
-    keep = torch.zeros(B, N, dtype=torch.bool, device=q.device).scatter_(1, picked, True)
-    keep[:, 0] = True                                                                      # CLS
-    counts = keep.sum(1)                                                                   # (B,)
+    sampled = torch.zeros(B, N, dtype=torch.bool, device=q.device).scatter_(1, picked, True)
+    sampled[:, 0] = True                                                                   # CLS
+    counts = sampled.sum(1)                                                                # (B,)
     width = int(counts.max())
-    order = (~keep * N + torch.arange(N, device=q.device)).argsort(1)[:, :width]          # kept first, in order
+    order = (~sampled * N + torch.arange(N, device=q.device)).argsort(1)[:, :width]       # sampled first, in order
     valid = torch.arange(width, device=q.device) < counts[:, None]                         # (B, width)
     out = t.select(order.masked_fill(~valid, 0))                                           # padding: CLS copies
-    return replace(out, idx=out.idx.masked_fill(~valid, -1), mask=valid)
+    return replace(out, idx=out.idx.masked_fill(~valid, -1), valid=valid)
 
 
 class ATS(Reducer):
-    """ATS at one location (see `ats`)."""
+    """ATS at one location (see `ats`). Its padding travels with the tokens: `Tokens.valid`."""
 
     def __init__(self, num_samples: int):
         super().__init__()
@@ -242,12 +255,22 @@ class ATS(Reducer):
         return f'num_samples={self.num_samples}'
 
 
+def pooled(t: Tokens, merged: torch.Tensor) -> Tokens:
+    """[CLS, merged tokens]: the output of the methods that pool every non-CLS token into K new ones."""
+    idx = F.pad(t.idx[:, :1], (0, merged.shape[1]), value=-1)
+    return replace(t, x=torch.cat([t.x[:, :1], merged], 1), idx=idx, size=None, valid=None, protected=0)
+
+
 class PatchMerger(Reducer):
     """PatchMerger (Renggli et al., 2022) before a block: K learned queries attend over the
     LayerNorm-ed non-CLS tokens (softmax over the tokens, no 1/sqrt(D) scaling) and the K weighted
-    averages of those normalised tokens replace them. Queries start from a standard normal, the
-    LayerNorm has torch's default eps, as in the reference. Everything but CLS is pooled, the CLR
-    carrier and recovered cache tokens included."""
+    averages of those normalised tokens replace them.
+
+    Follows the reference code in:
+    - queries start from a standard normal, the LayerNorm has torch's default eps (1e-5);
+    - everything but CLS is pooled, the CLR carrier and recovered cache tokens included;
+    - K may be 0 (queries (0, D)): then only CLS goes on.
+    """
     before_block = True
 
     def __init__(self, dim: int, k: int):
@@ -264,8 +287,12 @@ class PatchMerger(Reducer):
 class SiT(Reducer):
     """Token slimming (SiT, Zong et al., 2022) before a block: an MLP (LayerNorm, D -> D/2, GELU,
     D/2 -> K) gives every non-CLS token K logits; a softmax over the tokens, after a learned scale,
-    turns them into K weighted averages that replace the tokens. Unlike the SiT paper there is no
-    token-recycling distillation; the CLCA code uses the slimming module alone."""
+    turns them into K weighted averages that replace the tokens.
+
+    Follows the reference code in:
+    - the slimming module alone, without the SiT paper's token-recycling distillation;
+    - K may be 0: then only CLS goes on.
+    """
     before_block = True
 
     def __init__(self, dim: int, k: int):
@@ -286,11 +313,14 @@ def dpc_knn(x: torch.Tensor, num_centers: int, k: int = 5):
     """Density-peaks clustering with k nearest neighbours (TCFormer, Zeng et al., CVPR 2022).
 
     x (B, N, C) -> (assignment (B, N) of each token to a cluster 0..K-1, centres (B, K) as token
-    indices). Density = exp(-mean squared distance to the k nearest tokens, itself included), with
-    1e-6 uniform noise against ties (as TCFormer, from the global RNG); delta = distance to the
-    nearest denser token (the largest distance for the densest); centres = top K of density * delta;
-    every token joins its nearest centre. Distances are divided by sqrt(C). k shrinks to N when
-    fewer tokens are left. The algorithm needs the full (N x N) distance matrix, which it builds.
+    indices). Density = exp(-mean squared distance to the k nearest tokens, itself included); delta =
+    distance to the nearest denser token (the largest distance for the densest); centres = top K of
+    density * delta; every token joins its nearest centre. Builds the full (N x N) distance matrix.
+
+    Follows the reference code in:
+    - distances divided by sqrt(C); 1e-6 uniform noise on the density against ties (global RNG).
+    Differs from the reference code:
+    - k shrinks to N when fewer tokens are left (the reference fails there).
     """
     B, N, C = x.shape
     dist = torch.cdist(x.float(), x.float()) / C ** 0.5                           # (B, N, N)
@@ -308,11 +338,15 @@ def dpc_knn(x: torch.Tensor, num_centers: int, k: int = 5):
 
 class DPCKNN(Reducer):
     """DPC-KNN token clustering (TCFormer's clustering and merging) before a block: the patch tokens
-    are clustered by `dpc_knn` into K clusters and each cluster becomes one token, the average of
-    its members weighted by exp(a learned score, Linear D -> 1), normalised per cluster. CLS stays
-    first; as in the CLCA code, the protected suffix (the CLR carriers and every token recovered
-    from the cache) is neither clustered nor merged and stays last. A merged token takes its
-    centre's `idx`."""
+    are clustered by `dpc_knn` into K clusters and each cluster becomes one token, the average of its
+    members weighted by exp(a learned score, Linear D -> 1), normalised per cluster. CLS stays first; a
+    merged token takes its centre's `idx`.
+
+    Follows the reference code in:
+    - the protected suffix (the CLR carriers and every token recovered from the cache) is neither
+      clustered nor merged and stays last;
+    - K is at least 5 before the last stage (its k-NN needs 5 tokens) and at least 1 at it (`build_reducers`).
+    """
     before_block = True
 
     def __init__(self, dim: int, k: int):
@@ -334,24 +368,62 @@ class DPCKNN(Reducer):
         return replace(t, x=torch.cat([t.x[:, :1], merged, t.x[:, end:]], 1), idx=idx)
 
 
+@dataclass
+class DecidedTokens(Tokens):
+    """Tokens that carry DynamicViT's keep decisions, (B, N, 1): 1 kept, 0 dropped.
+
+    Modifications of Tokens:
+    - `select` and `append` keep the decisions in step (an appended token gets `later`);
+    - `attend` in training (`gated`): a token attends only to kept tokens and to itself.
+    """
+    decision: Optional[torch.Tensor] = None
+    later: float = 1.0    # decision of tokens appended later (recovered cache entries): the reference counts them
+                          # as kept in training and as dropped in the pooling of its eval-time predictor
+    gated: bool = False   # training: nothing is removed, attention is masked instead
+
+    def select(self, index: torch.Tensor, protected: int = 0) -> 'DecidedTokens':
+        out = super().select(index, protected)
+        return replace(out, decision=self.decision.gather(1, index.unsqueeze(-1)))     # (B, K, 1)
+
+    def append(self, extra: torch.Tensor) -> 'DecidedTokens':
+        out = super().append(extra)
+        return replace(out, decision=F.pad(self.decision, (0, 0, 0, extra.shape[1]), value=self.later))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if not self.gated:
+            return super().attend(q, k, v)
+        # The mask multiplies the exponentials (not -inf on the logits) so that the straight-through decisions
+        # get gradients, and eps keeps rows finite; this is the only N x N attention matrix in the project.
+        N = q.shape[2]
+        logits = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5                        # (B, H, N, N)
+        gate = self.decision.view(-1, 1, 1, N)
+        gate = gate + (1 - gate) * torch.eye(N, device=q.device, dtype=gate.dtype)    # each token sees itself
+        attn = (logits - logits.amax(-1, keepdim=True)).float().exp() * gate.float()
+        return ((attn + 1e-6 / N) / (attn.sum(-1, keepdim=True) + 1e-6)).to(v.dtype) @ v
+
+
 class DynamicViT(Reducer):
     """DynamicViT (Rao et al., NeurIPS 2021) before a block: a predictor scores keep / drop for every
-    non-CLS token. LayerNorm -> Linear D->D -> GELU; the first half of the channels stays per token,
-    the second half becomes the mean over the currently kept tokens (plus 1e-6 after the division,
-    as in the reference, whose 0/0 when all tokens are dropped, a known NaN, is floored here); then Linear D->D/2 -> GELU -> D/2->D/4 -> GELU -> D/4->2 -> log-softmax.
+    non-CLS token.
 
-    Training: hard Gumbel-softmax decisions, multiplied by the earlier ones, go to `tokens.decision`;
-    nothing is removed, later attention only reaches kept tokens (model.Attention), and the ratio
-    loss 2 * mean over stages of mean over images (kept fraction - target)^2 goes to `tokens.aux`
-    (the fraction counts every non-CLS token, CLR and recovered carriers included, as the
-    reference does). Eval: the top-scoring tokens are really kept, int(P * target) of them, or with
-    CLC, as the CLCA code does, int((N - 2) * keep of the first stage) of the current N; that count may be 0,
-    and then only CLS goes on, as in the reference. As in the reference, the cache's average covers dropped tokens in training
-    (they are still in the sequence) but not at eval. The paper's variant adds distillation losses;
-    the CLCA code does not.
+    t: N tokens -> DecidedTokens. The predictor: LayerNorm -> Linear D->D -> GELU; the first half of the
+    channels stays per token, the second half becomes the mean over the currently kept tokens; then
+    Linear D->D/2 -> GELU -> D/2->D/4 -> GELU -> D/4->2 -> log-softmax. Training: hard Gumbel-softmax
+    decisions, multiplied by the earlier ones; nothing is removed, later attention reaches kept tokens
+    only, and the ratio loss weight * mean over images of (kept fraction - target)^2 is added to
+    `tokens.loss`. Eval: the top-scoring tokens are really kept and the rest removed.
+
+    Follows the reference code in:
+    - eval counts: int(P * target) without CLC; with CLC int((N - 2) * keep of the first stage) of the current N;
+      a count of 0 keeps only CLS;
+    - the kept fraction counts every non-CLS token, CLR and recovered carriers included;
+    - recovered tokens count as kept in training and as dropped in the eval-time pooling (`DecidedTokens.later`);
+    - the cache's average covers dropped tokens in training (they are still in the sequence), not at eval;
+    - no distillation losses (the DynamicViT paper has them, the CLCA code does not).
+    Differs from the reference code:
+    - the pooling's denominator is floored at 1e-6: with every token dropped the reference divides 0 by 0.
     """
     before_block = True
-    has_aux = True
 
     def __init__(self, dim: int, target: float, num_patches: int, clc_rate: Optional[float], weight: float):
         super().__init__()
@@ -364,50 +436,52 @@ class DynamicViT(Reducer):
         """x (B, M, D), decision (B, M, 1) -> log-probabilities (B, M, 2) of [keep, drop]."""
         h = self.in_conv(x)
         local, glob = h.chunk(2, dim=-1)                                                   # 2 x (B, M, D/2)
-        kept = decision.sum(1, keepdim=True).clamp(min=1e-6)  # no 0/0 when every token is dropped
+        kept = decision.sum(1, keepdim=True).clamp(min=1e-6)
         glob = (glob * decision).sum(1, keepdim=True) / kept + 1e-6                        # (B, 1, D/2)
         return self.out_conv(torch.cat([local, glob.expand_as(local)], -1))
 
-    def forward(self, t: Tokens, qkv) -> Tokens:
+    def forward(self, t: Tokens, qkv) -> DecidedTokens:
         B, N, _ = t.x.shape
-        decision = t.decision if t.decision is not None else t.x.new_ones(B, N, 1)
-        logp = self.predict(t.x[:, 1:], decision[:, 1:])                                   # (B, N-1, 2)
+        if not isinstance(t, DecidedTokens):  # the first stage: every token is kept so far
+            t = DecidedTokens(**{f.name: getattr(t, f.name) for f in fields(Tokens)}, decision=t.x.new_ones(B, N, 1),
+                              later=float(self.training), gated=self.training)
+        logp = self.predict(t.x[:, 1:], t.decision[:, 1:])                                 # (B, N-1, 2)
         if self.training:
-            keep = F.gumbel_softmax(logp, hard=True)[..., :1] * decision[:, 1:]           # (B, N-1, 1)
-            ratio_loss = ((keep.flatten(1).mean(1) - self.target) ** 2).mean()
-            return replace(t, decision=torch.cat([decision[:, :1], keep], 1), aux=t.aux + self.weight * ratio_loss)
+            decision = F.gumbel_softmax(logp, hard=True)[..., :1] * t.decision[:, 1:]      # (B, N-1, 1)
+            ratio_loss = ((decision.flatten(1).mean(1) - self.target) ** 2).mean()
+            return replace(t, decision=torch.cat([t.decision[:, :1], decision], 1),
+                           loss=t.loss + self.weight * ratio_loss)
         count = int((N - 2) * self.clc_rate) if self.clc_rate else int(self.num_patches * self.target)
         top = logp[..., 0].argsort(1, descending=True)[:, :count]                         # (B, K) best first
-        t = replace(t, decision=decision)  # kept along, so that later recoveries append theirs
         return t.select(torch.cat([top.new_zeros(B, 1), top + 1], 1))
 
 
-def build_reducers(method: str, keep: tuple, num_loc: int, num_patches: int, dim: int,
-                   clc: bool = False) -> nn.ModuleList:
-    """The reducers for `num_loc` locations (stage s = 0, 1, ...); empty when nothing is reduced.
+def build_reducers(cfg) -> nn.ModuleList:
+    """The reducers of a model config (its `method`, `keep`, `loc`, `clc`, width and patch grid), one per
+    location in `loc` (stage s = 0, 1, ...); empty when nothing is reduced.
 
     `keep` has one rate or one per location; all rates 1.0 means no reduction. EViT and Top-K apply
     the rate to the current tokens. The schedule methods aim at int(P * keep_0 * ... * keep_s)
     tokens after stage s (P patches): int(P * keep^(s+1)) for a single rate, as in the reference.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown reduction method {method!r}: choose one of {', '.join(METHODS)}")
-    keeps = tuple(keep) * num_loc if len(keep) == 1 else tuple(keep)
-    if method == 'none' or all(k == 1.0 for k in keeps):
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown reduction method {cfg.method!r}: choose one of {', '.join(METHODS)}")
+    num_loc, dim, num_patches = len(cfg.loc), cfg.embed_dim, (cfg.img_size // cfg.patch_size) ** 2
+    keeps = tuple(cfg.keep) * num_loc if len(cfg.keep) == 1 else tuple(cfg.keep)
+    if cfg.method == 'none' or all(k == 1.0 for k in keeps):
         return nn.ModuleList()
-    if method in ('evit', 'topk'):
-        return nn.ModuleList(EViT(k, fuse=(method == 'evit')) for k in keeps)
+    if cfg.method in ('evit', 'topk'):
+        return nn.ModuleList(EViT(k, fuse=(cfg.method == 'evit')) for k in keeps)
     targets = [int(num_patches * math.prod(keeps[:s + 1])) for s in range(num_loc)]
-    if method == 'tome':  # a fixed number merged per stage, whatever CLC added (the reference's rule)
+    if cfg.method == 'tome':  # a fixed number merged per stage, whatever CLC added (the reference's rule)
         return nn.ModuleList(ToMe(b - a) for b, a in zip([num_patches] + targets[:-1], targets))
-    if method == 'ats':  # K sample points (none when K rounds to 0); duplicates collapse, so at most K stay
+    if cfg.method == 'ats':  # K sample points (none when K rounds to 0); duplicates collapse, so at most K stay
         return nn.ModuleList(ATS(k) for k in targets)
-    if method == 'dynamicvit':  # training targets keep^(s+1); eval counts as the reference (see DynamicViT)
-        return nn.ModuleList(DynamicViT(dim, math.prod(keeps[:s + 1]), num_patches, keeps[0] if clc else None,
+    if cfg.method == 'dynamicvit':  # training targets keep^(s+1); eval counts as the reference (see DynamicViT)
+        return nn.ModuleList(DynamicViT(dim, math.prod(keeps[:s + 1]), num_patches, keeps[0] if cfg.clc else None,
                                         2.0 / num_loc) for s in range(num_loc))
-    if method == 'dpcknn':  # the reference's floors: 5 clusters before the last stage (its k-NN needs 5), 1 at it
-        targets = [max(k, 1 if s == num_loc - 1 else 5) for s, k in enumerate(targets)]
-        return nn.ModuleList(DPCKNN(dim, k) for k in targets)
+    if cfg.method == 'dpcknn':  # the reference's floors: 5 clusters before the last stage (its k-NN needs 5), 1 at it
+        return nn.ModuleList(DPCKNN(dim, max(k, 1 if s == num_loc - 1 else 5)) for s, k in enumerate(targets))
     # A target may round to 0 (448 px, keep 0.1: int(784 * 0.001)); as in the reference, that stage
     # then pools into no token at all (PatchMerger's queries are (0, D)) and only CLS goes on.
-    return nn.ModuleList({'patchmerger': PatchMerger, 'sit': SiT}[method](dim, k) for k in targets)
+    return nn.ModuleList({'patchmerger': PatchMerger, 'sit': SiT}[cfg.method](dim, k) for k in targets)

@@ -1,37 +1,78 @@
-"""Train a CLCA model with the paper's recipe (or the embedded demo's preset).
+"""Train a CLCA model with the paper's recipe, or the embedded demo's preset.
 
     python train.py                                  # embedded synthetic leaves, tiny ViT, ~5 min on a CPU
     python train.py --dataset soyageing --keep 0.1   # the paper's recipe: ViT-B/16, 448 px, EViT + CLCA
     torchrun --nproc_per_node 4 train.py --dataset soyageing   # the same on 4 GPUs (DDP)
     python train.py --resume runs/leaves/last.pt     # continue a run exactly where it stopped
+
+Also the pieces eval.py shares: the model flags, the machine-dependent defaults, `evaluate`.
 """
 import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from data import AUGMENTATIONS, DATASETS, DatasetError, build_dataset
-from eval import evaluate, exit_with, runtime_defaults, split_for_rank
-from model import CheckpointError, backbone_config, create_model, load_weights, open_checkpoint, pretrained_url
+from model import ViT, backbone_config
 from reduce import METHODS
+from weights import CheckpointError, load_weights, open_checkpoint, pretrained_url, save_checkpoint
 
-# Defaults that depend on the data: the paper's recipe for real datasets, and a preset for the embedded
-# leaves that trains a tiny ViT from scratch in about five minutes on a 2-core CPU.
+# Every default has one home here. The paper's recipe for real datasets, and a preset for the embedded
+# leaves that trains a tiny ViT from scratch in about five minutes on a 2-core CPU:
 PAPER = dict(backbone='vit_base_patch16_224.orig_in21k', pretrained='auto', img_size=448, epochs=50,
              warmup_epochs=2, cooldown_epochs=5, batch_size=32, lr=1e-4)
 LEAVES = dict(backbone='vit_tiny_patch8_224', pretrained='none', img_size=64, epochs=8,
               warmup_epochs=1, cooldown_epochs=1, batch_size=32, lr=1e-3)
+# and the model both train: the paper's CLCA, EViT keeping 10 % at blocks 3, 6 and 9, cache and head on.
+CLCA = dict(method='evit', keep=[0.1], loc=[3, 6, 9], clc=True, cla=True, num_clr=1)
+MODEL_FLAGS = tuple(CLCA)  # the ModelConfig fields a flag can set, besides the backbone and image size
+
+
+def add_model_flags(p):
+    """The flags that describe a model, shared by train.py and eval.py (all default to None: the
+    caller fills what is not given, from a preset or from a checkpoint)."""
+    a = p.add_argument
+    a('--backbone', help=f"timm ViT name with pretrained tag (paper: {PAPER['backbone']})")
+    a('--img-size', type=int, help='input size in pixels (paper: 448)')
+    a('--method', choices=METHODS, help='token reduction method')
+    a('--keep', type=float, nargs='+', help='keep rate, one or one per location')
+    a('--loc', type=int, nargs='*', help='0-indexed blocks that reduce (--loc alone: none)')
+    a('--clc', action=argparse.BooleanOptionalAction, help='cross-layer cache')
+    a('--cla', action=argparse.BooleanOptionalAction, help='cross-layer aggregation head')
+    a('--num-clr', type=int, help='CLR carrier tokens of the cache')
+
+
+def model_fields(args) -> dict:
+    """The ModelConfig fields the model flags set."""
+    return {k: getattr(args, k) for k in ('img_size',) + MODEL_FLAGS if getattr(args, k) is not None}
+
+
+def runtime_defaults(args, device: torch.device):
+    """Fill, where not given, the flags whose best value depends on the machine; called once per run."""
+    cuda = device.type == 'cuda'
+    args.amp = args.amp or ('bf16' if cuda else 'off')
+    args.compile = cuda if args.compile is None else args.compile
+    args.workers = (min(8, os.cpu_count() or 1) if cuda else 0) if args.workers is None else args.workers
+
+
+def autocast_args(amp: str, device: torch.device) -> dict:
+    """torch.autocast's arguments for --amp."""
+    return dict(device_type=device.type, dtype=torch.float16 if amp == 'fp16' else torch.bfloat16, enabled=amp != 'off')
+
+
+def exit_with(error: Exception):
+    """One line, no traceback; a DataLoader worker wraps the error in its traceback: keep the last line."""
+    sys.exit('error: ' + re.sub(r'^[\w.]+Error: ', '', str(error).strip().splitlines()[-1]))
 
 
 def parse_args(argv=None):
@@ -40,15 +81,8 @@ def parse_args(argv=None):
     a('--dataset', default='leaves', choices=DATASETS, help='leaves (embedded, default), folder (any layout '
       'at --data-dir) or a UFG dataset')
     a('--data-dir', help='dataset folder (default data/<dataset>)')
-    a('--backbone', help=f"timm ViT name with pretrained tag (paper: {PAPER['backbone']})")
     a('--pretrained', help="'auto' (download the backbone's weights), a path or URL, or 'none' (from scratch)")
-    a('--img-size', type=int, help='input size in pixels (paper: 448)')
-    a('--method', default='evit', choices=METHODS, help='token reduction method')
-    a('--keep', type=float, nargs='+', default=[0.1], help='keep rate, one or one per location')
-    a('--loc', type=int, nargs='*', default=[3, 6, 9], help='0-indexed blocks that reduce')
-    a('--clc', action=argparse.BooleanOptionalAction, default=True, help='cross-layer cache')
-    a('--cla', action=argparse.BooleanOptionalAction, default=True, help='cross-layer aggregation head')
-    a('--num-clr', type=int, default=1, help='CLR carrier tokens of the cache')
+    add_model_flags(p)
     a('--norm', choices=('imagenet', 'backbone'), default='imagenet',
       help="input statistics: ImageNet's (as the paper's code) or the backbone's own")
     a('--aug', choices=AUGMENTATIONS, default='weak', help="training augmentation: 'weak' (random crop and "
@@ -77,22 +111,24 @@ def parse_args(argv=None):
             p.error(f'--resume continues a run with the flags saved in its checkpoint: drop {" ".join(given)}')
         return args
     given = {k for k in ('warmup_epochs', 'cooldown_epochs') if getattr(args, k) is not None}
-    for key, value in (LEAVES if args.dataset == 'leaves' else PAPER).items():
+    for key, value in {**CLCA, **(LEAVES if args.dataset == 'leaves' else PAPER)}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     args.warmup_lr = args.lr / 100 if args.warmup_lr is None else args.warmup_lr
-    cuda = torch.cuda.is_available()
-    runtime_defaults(args, cuda)
-    args.compile = cuda if args.compile is None else args.compile
     try:  # every model flag is checked here, before any data is read
-        backbone_config(args.backbone, img_size=args.img_size, method=args.method, keep=args.keep,
-                        loc=args.loc, clc=args.clc, num_clr=args.num_clr)
+        backbone_config(args.backbone, **model_fields(args))
     except ValueError as e:
         p.error(str(e))
-    for name in ('epochs', 'batch_size', 'workers'):
-        if getattr(args, name) < (0 if name == 'workers' else 1):
+    for name in ('epochs', 'batch_size'):
+        if getattr(args, name) < 1:
             p.error(f'--{name.replace("_", "-")} must be positive')
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    if args.batch_size % world or (args.cla and args.batch_size // world < 2):
+        p.error(f'--batch-size {args.batch_size} must split evenly over {world} processes, at least 2 images '
+                'each (the CLA head uses BatchNorm)')
+    if args.workers is not None and args.workers < 0:
+        p.error('--workers must be 0 or more')
     for name in ('cooldown_epochs', 'warmup_epochs'):  # a short run shrinks the default phases, cool-down first,
         excess = args.warmup_epochs + args.cooldown_epochs - (args.epochs - 1)  # to leave a cosine epoch
         if excess > 0 and name not in given:
@@ -104,8 +140,8 @@ def parse_args(argv=None):
 
 
 def lr_at(epoch: int, args) -> float:
-    """Per-epoch schedule of the paper: linear warm-up from warmup_lr, cosine from lr down to min_lr,
-    then cool-down epochs at min_lr (timm's cosine scheduler with t_in_epochs)."""
+    """Per-epoch schedule of the paper: (1) linear warm-up from warmup_lr, (2) cosine from lr down to
+    min_lr, (3) cool-down epochs at min_lr (timm's cosine scheduler with t_in_epochs)."""
     if epoch < args.warmup_epochs:
         return args.warmup_lr + epoch * (args.lr - args.warmup_lr) / args.warmup_epochs
     cosine = args.epochs - args.cooldown_epochs
@@ -120,16 +156,6 @@ def param_groups(model, weight_decay):
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and n not in skip]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and (p.ndim < 2 or n in skip)]
     return [dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)]
-
-
-def save_checkpoint(obj, path: Path):
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
-    tmp = path.with_suffix('.tmp')
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def out_dir(args) -> Path:
@@ -153,25 +179,49 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), torch.device('cuda', local) if cuda else torch.device('cpu')
 
 
+def split_for_rank(dataset, rank: int, world: int):
+    """Every world-th sample from `rank`: each image is evaluated exactly once over all processes."""
+    return dataset if world == 1 else Subset(dataset, range(rank, len(dataset), world))
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, amp: dict, world: int = 1) -> dict:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy, summed over all processes."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, count
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast(**amp):
+            logits = model(images)[0].float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
+        hits = top5 == labels[:, None]
+        totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(),
+                               torch.nn.functional.cross_entropy(logits, labels, reduction='sum'),
+                               torch.tensor(len(labels), device=device)]).double()
+    if world > 1:
+        dist.all_reduce(totals)
+    return dict(top1=(100 * totals[0] / totals[3]).item(), top5=(100 * totals[1] / totals[3]).item(),
+                test_loss=(totals[2] / totals[3]).item())
+
+
 def train(args):
     rank, world, device = setup_distributed()
     ckpt = None
     if args.resume:
         ckpt = open_checkpoint(args.resume)
-        if not isinstance(ckpt, dict) or not isinstance(ckpt.get('args'), dict):
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get('args'), dict) or 'config' not in ckpt:
             raise CheckpointError(f'{args.resume} was not written by train.py: --resume continues its own runs only')
         args = argparse.Namespace(**{**ckpt['args'], 'resume': args.resume})
+    runtime_defaults(args, device)
+    amp = autocast_args(args.amp, device)
     say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
 
-    # data: ImageNet statistics by default, as the paper's code does for every backbone
+    # 1. data: ImageNet statistics by default, as the paper's code does for every backbone
     stats = backbone_config(args.backbone) if args.norm == 'backbone' else None
     mean, std = (stats.mean, stats.std) if stats else (None, None)
     train_set, num_classes = build_dataset(args.dataset, 'train', args.img_size, args.data_dir, mean, std, args.aug)
     test_set, _ = build_dataset(args.dataset, 'test', args.img_size, args.data_dir, mean, std)
-    if args.batch_size % world or (args.cla and args.batch_size // world < 2):
-        raise DatasetError(f'--batch-size {args.batch_size} must split evenly over {world} processes, at least 2 '
-                           'images each (the CLA head uses BatchNorm)')
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed, drop_last=True)
     loader_gen = torch.Generator()
     kw = dict(num_workers=args.workers, pin_memory=device.type == 'cuda', persistent_workers=False)
@@ -181,10 +231,9 @@ def train(args):
     if len(train_loader) == 0:
         raise DatasetError(f'{len(train_set)} training images make no full batch of {args.batch_size}')
 
-    # model, optimizer, mixed precision
+    # 2. model, optimizer, mixed precision
+    model = ViT(backbone_config(args.backbone, num_classes=num_classes, **model_fields(args)))
     pretrained = pretrained_url(args.backbone) if args.pretrained == 'auto' else args.pretrained
-    model = create_model(args.backbone, num_classes, img_size=args.img_size, method=args.method, keep=args.keep,
-                         loc=args.loc, clc=args.clc, cla=args.cla, num_clr=args.num_clr)
     if pretrained != 'none' and ckpt is None:
         if rank:  # rank 0 downloads first, the others then read its cached file
             dist.barrier()
@@ -194,7 +243,6 @@ def train(args):
     model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    amp = runtime_defaults(args, device.type == 'cuda')
     start = 0
     if ckpt is not None:
         model.load_state_dict(ckpt['model'])
@@ -204,17 +252,18 @@ def train(args):
     net = torch.compile(model) if args.compile else model
     net = DDP(net, device_ids=[device.index] if device.type == 'cuda' else None) if world > 1 else net
 
-    out = Path(args.resume).parent if args.resume else out_dir(args)
+    run_dir = Path(args.resume).parent if args.resume else out_dir(args)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if ckpt is not None and (out / 'log.jsonl').exists():
-            lines = (out / 'log.jsonl').read_text().splitlines()
-            (out / 'log.jsonl').write_text(''.join(l + '\n' for l in lines if json.loads(l)['epoch'] <= start))
-        (out / 'config.json').write_text(json.dumps({**vars(args), 'model': asdict(model.cfg)}, indent=2) + '\n')
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if ckpt is not None and (run_dir / 'log.jsonl').exists():
+            lines = (run_dir / 'log.jsonl').read_text().splitlines()
+            (run_dir / 'log.jsonl').write_text(''.join(l + '\n' for l in lines if json.loads(l)['epoch'] <= start))
+        (run_dir / 'config.json').write_text(json.dumps({**vars(args), 'model': vars(model.cfg)}, indent=2) + '\n')
         say(f'{args.dataset}: {len(train_set)} train / {len(test_set)} test images, {num_classes} classes; '
             f'{args.backbone} {args.method} keep {args.keep} clc={args.clc} cla={args.cla} on {device} '
-            f'x{world}; writing to {out}')
+            f'x{world}; writing to {run_dir}')
 
+    # 3. the loop: train an epoch, evaluate, log, checkpoint
     metrics = {}
     for epoch in range(start, args.epochs):
         lr = lr_at(epoch, args)
@@ -226,15 +275,12 @@ def train(args):
         sampler.set_epoch(epoch)
         net.train()
         seen, loss_sum, correct, t0 = 0, 0.0, 0, time.perf_counter()
-        kept = f'the last good checkpoint is {out / "last.pt"}' if epoch else 'no checkpoint was written'
+        kept = f'the last good checkpoint is {run_dir / "last.pt"}' if epoch else 'no checkpoint was written'
         bar = tqdm(train_loader, desc=f'epoch {epoch + 1}/{args.epochs}', leave=False, disable=rank != 0)
         for images, labels in bar:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.autocast(**amp):
-                out_ = net(images)
-                # methods with an auxiliary training loss return (logits, aux_loss) in training mode
-                logits, aux = out_ if isinstance(out_, tuple) else (out_, 0.0)
-                loss = F.cross_entropy(logits.float(), labels) + aux
+                logits, loss = net(images, labels)  # cross-entropy plus any loss the reduction adds
             check = loss.detach().clone()
             if world > 1:  # every process sees the same verdict, so all of them stop together
                 dist.all_reduce(check)
@@ -251,7 +297,8 @@ def train(args):
             seen += len(labels)
             loss_sum += loss.item() * len(labels)
             correct += (logits.argmax(-1) == labels).sum().item()
-            bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{lr:.1e}', img_s=f'{seen * world / (time.perf_counter() - t0):.0f}')
+            speed = seen * world / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{lr:.1e}', img_s=f'{speed:.0f}')
         totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
         if world > 1:
             dist.all_reduce(totals)
@@ -264,14 +311,13 @@ def train(args):
                        train_top1=(100 * totals[1] / totals[2]).item(), **test,
                        images_per_s=totals[2].item() / elapsed, seconds=elapsed)
         if rank == 0:  # log first: a resumed run drops log lines of epochs its checkpoint does not have
-            with open(out / 'log.jsonl', 'a') as f:
+            with open(run_dir / 'log.jsonl', 'a') as f:
                 f.write(json.dumps(metrics) + '\n')
-            save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                 scaler=scaler.state_dict(), epoch=epoch + 1, args=vars(args), metrics=metrics),
-                            out / 'last.pt')
-            say(f"epoch {epoch + 1:3d}/{args.epochs}  loss {metrics['train_loss']:.3f}  train {metrics['train_top1']:5.1f}%  "
-                f"test {metrics['top1']:5.1f}% (top-5 {metrics['top5']:5.1f}%)  lr {lr:.1e}  "
-                f"{metrics['images_per_s']:.0f} img/s  {elapsed:.0f} s")
+            save_checkpoint(model, run_dir / 'last.pt', optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                            epoch=epoch + 1, args=vars(args), metrics=metrics)
+            say(f"epoch {epoch + 1:3d}/{args.epochs}  loss {metrics['train_loss']:.3f}  "
+                f"train {metrics['train_top1']:5.1f}%  test {metrics['top1']:5.1f}% (top-5 {metrics['top5']:5.1f}%)  "
+                f"lr {lr:.1e}  {metrics['images_per_s']:.0f} img/s  {elapsed:.0f} s")
     if world > 1:
         dist.destroy_process_group()
     return metrics

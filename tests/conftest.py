@@ -1,3 +1,5 @@
+import argparse
+
 import pytest
 import torch
 
@@ -10,9 +12,15 @@ def _seed():
     torch.manual_seed(0)
 
 
-def tiny(**kw):
-    """A 12-block ViT small enough for the CPU: 48 wide, 3 heads, 32 px images of 4 px patches (P = 64)."""
-    args = dict(backbone='vit_tiny_patch16_224', num_classes=5, img_size=32, patch_size=4, embed_dim=48, num_heads=3)
+FAMILIES = {'vit': 'vit_tiny_patch16_224', 'deit3': 'deit3_tiny_patch16_224', 'clip': 'vit_tiny_patch16_clip_224',
+            'miil': 'vit_tiny_patch16_224_miil'}
+
+
+def toy(family='vit', **kw):
+    """A 12-block ViT small enough for the CPU: 48 wide, 3 heads, 32 px images of 4 px patches (P = 64),
+    5 classes. `family` picks the architecture's quirks: 'vit', 'deit3' (no CLS position row,
+    LayerScale), 'clip' (pre-norm) or 'miil' (no qkv bias)."""
+    args = dict(backbone=FAMILIES[family], num_classes=5, img_size=32, patch_size=4, embed_dim=48, num_heads=3)
     return create_model(**{**args, **kw})
 
 
@@ -20,7 +28,7 @@ def trace(model, images):
     """Run `model` and return, per block, the (input, output) Tokens records."""
     seen, hooks = [], [blk.register_forward_hook(lambda m, a, out: seen.append((a[0], out))) for blk in model.blocks]
     try:
-        logits = model(images)
+        logits, _ = model(images)
     finally:
         for h in hooks:
             h.remove()
@@ -31,3 +39,22 @@ def trace(model, images):
 def small_leaves(monkeypatch):
     """The embedded dataset at a tenth of its size (1000 train / 500 test images) for fast runs."""
     monkeypatch.setattr(data.Leaves, 'per_class', {'train': 100, 'test': 50})
+
+
+def official_weights(model):
+    """Random weights for `model`, named as the paper's code names them (`cluster_layers.*`, or
+    `score_predictor.*` for DynamicViT), with LayerScale gains and BatchNorm variances kept away from 0."""
+    sd = {k: torch.randn_like(v) * 0.3 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    sd |= {k: v + 1 for k, v in sd.items() if k.endswith('.gamma')}
+    sd |= {k: v.abs() + 0.5 for k, v in sd.items() if k.endswith('running_var')}
+    prefix = 'score_predictor.' if model.cfg.method == 'dynamicvit' else 'cluster_layers.'
+    return {k.replace('reducers.', prefix): v for k, v in sd.items()}
+
+
+def official_file(path, sd, **args):
+    """Save `sd` as the paper's training script does: its args Namespace, optimizer, scheduler, an unused
+    1000-way head."""
+    dim = sd['cls_token'].shape[-1]
+    torch.save({'model': sd | {'head.weight': torch.randn(1000, dim), 'head.bias': torch.zeros(1000)},
+                'optimizer': {'state': {}, 'param_groups': []}, 'lr_scheduler': {'last_epoch': 49}, 'epoch': 50,
+                'scaler': {'scale': 65536.0}, 'args': argparse.Namespace(**args)}, path)

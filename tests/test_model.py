@@ -5,26 +5,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny, trace
-from eval import gmacs
-from model import CheckpointError, ModelConfig, create_model, load_weights, pretrained_url, read_checkpoint
+from conftest import toy, trace
+from model import ModelConfig, create_model, gmacs
+from weights import CheckpointError, load_weights, pretrained_url, read_checkpoint
 
 IMAGES = lambda n=2: torch.randn(n, 3, 32, 32)
 
 
-@pytest.mark.parametrize('backbone', ['vit_tiny_patch16_224', 'deit3_small_patch16_224',
-                                      'vit_base_patch16_clip_224', 'vit_base_patch16_224_miil'])
+@pytest.mark.parametrize('family', ['vit', 'deit3', 'clip', 'miil'])
 @pytest.mark.parametrize('method', ['none', 'evit', 'topk', 'tome', 'ats', 'patchmerger', 'sit', 'dpcknn',
                                     'dynamicvit'])
 @pytest.mark.parametrize('clc,cla', [(False, False), (True, False), (False, True), (True, True)])
-def test_every_switch_combination_gives_logits(backbone, method, clc, cla):
-    model = tiny(backbone=backbone, method=method, keep=0.3, clc=clc, cla=cla)
+def test_every_switch_combination_gives_logits_and_a_loss_in_both_modes(family, method, clc, cla):
+    model = toy(family, method=method, keep=0.3, clc=clc, cla=cla)
     for training in (True, False):
-        logits = model.train(training)(IMAGES())
-        if method == 'dynamicvit' and training:
-            logits, aux = logits
-            assert aux.ndim == 0 and torch.isfinite(aux)
+        logits, loss = model.train(training)(IMAGES(), torch.tensor([0, 4]))  # one return shape everywhere
         assert logits.shape == (2, 5) and torch.isfinite(logits).all()
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        assert model(IMAGES())[1] is None  # no labels, no loss
 
 
 def test_backbone_presets():
@@ -77,11 +75,11 @@ def test_parameter_names_and_shapes_are_timms(backbone, kw):
 ])
 def test_bad_configuration_is_refused_with_a_clear_message(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        tiny(**kwargs)
+        toy(**kwargs)
 
 
 def test_clc_recovers_plus_6_6_6_2_and_caches_gap_and_the_last_token():
-    model = tiny(method='evit', keep=0.5, clc=True).eval()
+    model = toy(method='evit', keep=0.5, clc=True).eval()
     with torch.no_grad():
         _, seen = trace(model, IMAGES())
     ins, outs = [s[0].x for s in seen], [s[1].x for s in seen]
@@ -109,7 +107,7 @@ def test_clc_without_reduction_only_lengthens_the_sequence():
 
 
 def test_cla_reads_the_raw_cls_of_the_reduction_layers_and_the_last_block():
-    model = tiny(method='evit', keep=0.25, clc=True, cla=True).eval()
+    model = toy(method='evit', keep=0.25, clc=True, cla=True).eval()
     got = []
     model.ifa_head.register_forward_pre_hook(lambda m, a: got.append(a[0]))
     with torch.no_grad():
@@ -121,25 +119,22 @@ def test_cla_reads_the_raw_cls_of_the_reduction_layers_and_the_last_block():
 
 @pytest.mark.parametrize('method', ['evit', 'tome', 'ats', 'patchmerger', 'sit', 'dynamicvit'])
 def test_batched_eval_equals_one_image_at_a_time(method):
-    model = tiny(method=method, keep=0.1, clc=True, cla=True).eval()
+    model = toy(method=method, keep=0.1, clc=True, cla=True).eval()
     images = IMAGES(4)
     with torch.no_grad():
-        batched = model(images)
-        single = torch.cat([model(images[i:i + 1]) for i in range(4)])
+        batched = model(images)[0]
+        single = torch.cat([model(images[i:i + 1])[0] for i in range(4)])
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize('backbone,method', [('vit_tiny_patch16_224', 'evit'), ('deit3_small_patch16_224', 'evit'),
-                                            ('vit_base_patch16_clip_224', 'evit'), ('vit_tiny_patch16_224', 'tome'),
-                                            ('vit_tiny_patch16_224', 'patchmerger'), ('vit_tiny_patch16_224', 'sit'),
-                                            ('vit_tiny_patch16_224', 'dpcknn'), ('vit_tiny_patch16_224', 'dynamicvit'),
-                                            ('vit_tiny_patch16_224', 'ats')])
-def test_a_training_step_reaches_every_trainable_parameter(backbone, method):
-    model = tiny(backbone=backbone, method=method, keep=0.25, clc=True, cla=True).train()
+@pytest.mark.parametrize('family,method', [('vit', 'evit'), ('deit3', 'evit'), ('clip', 'evit'), ('vit', 'tome'),
+                                           ('vit', 'patchmerger'), ('vit', 'sit'), ('vit', 'dpcknn'),
+                                           ('vit', 'dynamicvit'), ('vit', 'ats')])
+def test_a_training_step_reaches_every_trainable_parameter(family, method):
+    model = toy(family, method=method, keep=0.25, clc=True, cla=True).train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    out = model(IMAGES(4))
-    logits, aux = out if method == 'dynamicvit' else (out, 0.0)  # DynamicViT adds its ratio loss in training
-    (F.cross_entropy(logits, torch.tensor([0, 1, 2, 3])) + aux).backward()
+    _, loss = model(IMAGES(4), torch.tensor([0, 1, 2, 3]))  # DynamicViT's predictor learns from its ratio loss
+    loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     torch.optim.AdamW(model.parameters(), lr=1e-3).step()
@@ -183,7 +178,7 @@ def test_official_containers_and_prefixes_are_unwrapped(tmp_path):
 
 
 def test_bad_checkpoints_are_refused_with_a_clear_message(tmp_path, monkeypatch):
-    model = tiny(depth=2, loc=(0,))
+    model = toy(depth=2, loc=(0,))
     with pytest.raises(ValueError, match='does not fit this model'):
         load_weights(model, timm_state_dict('vit_small_patch8_224', 32) | {
             'blocks.0.attn.qkv.weight': torch.zeros(12, 48)})
@@ -231,10 +226,10 @@ def test_pretrained_tags_point_at_timm_files():
 @pytest.mark.parametrize('method,prefix', [('patchmerger', 'cluster_layers'), ('sit', 'cluster_layers'),
                                            ('dpcknn', 'cluster_layers'), ('dynamicvit', 'score_predictor')])
 def test_official_names_of_learned_reductions_load(method, prefix):
-    src = tiny(method=method, keep=0.25, clc=True, cla=True)
+    src = toy(method=method, keep=0.25, clc=True, cla=True)
     sd = {k.replace('reducers.', f'{prefix}.'): torch.randn_like(v) if v.is_floating_point() else v
           for k, v in src.state_dict().items()}
-    model = tiny(method=method, keep=0.25, clc=True, cla=True)
+    model = toy(method=method, keep=0.25, clc=True, cla=True)
     assert load_weights(model, {'model': sd}, verbose=False) == ([], [])
     torch.testing.assert_close(model.reducers[1].state_dict(), {k.split('.', 2)[2]: v for k, v in sd.items()
                                                                 if k.startswith(f'{prefix}.1.')})

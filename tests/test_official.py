@@ -6,7 +6,6 @@ reference gathers and scatters, and the reference's own count rules. One skeleto
 blocks, cache, heads) and one hook per method: `BEFORE` runs before a reduction block, `INSIDE`
 replaces the attention residual of a reduction block.
 """
-import argparse
 import math
 from types import SimpleNamespace
 
@@ -14,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny
-from model import load_weights
+from conftest import official_file, official_weights, toy
+from weights import load_weights
 
 P, D, HEADS, DEPTH, LOC, NUM_CLR, PATCH = 64, 48, 3, 12, (3, 6, 9), 1, 4
 METHODS = ('evit', 'topk', 'tome', 'ats', 'patchmerger', 'sit', 'dpcknn', 'dynamicvit')
@@ -203,19 +202,6 @@ def reference_forward(sd, images, method, keep, clc, cla, empty_mean='nan'):
     return F.conv1d(F.gelu(bn(h, 'ifa_head.0.2.')), sd['ifa_head.0.4.weight'], sd['ifa_head.0.4.bias']).flatten(1)
 
 
-@pytest.fixture
-def official():
-    """Random weights for a tiny model, named as the paper's code names them; gains and variances kept away from 0."""
-    def make(backbone='vit_tiny_patch16_224', **kw):
-        model = tiny(backbone=backbone, **kw)
-        sd = {k: torch.randn_like(v) * 0.3 if v.is_floating_point() else v for k, v in model.state_dict().items()}
-        sd |= {k: v + 1 for k, v in sd.items() if k.endswith('.gamma')}
-        sd |= {k: v.abs() + 0.5 for k, v in sd.items() if k.endswith('running_var')}
-        method = kw.get('method', 'none')
-        return {k.replace('reducers.', PREFIX.get(method, 'cluster_layers') + '.'): v for k, v in sd.items()}
-    return make
-
-
 # In these settings some stage keeps no token before a recovery, and the reference's cache averages
 # that empty set into NaN logits; ours takes the mean of nothing as 0.
 EMPTY_BEFORE_RECOVERY = {('ats', 0.1), ('patchmerger', 0.1), ('sit', 0.1), ('dynamicvit', 0.1)}
@@ -224,14 +210,14 @@ EMPTY_BEFORE_RECOVERY = {('ats', 0.1), ('patchmerger', 0.1), ('sit', 0.1), ('dyn
 @pytest.mark.parametrize('method', METHODS)
 @pytest.mark.parametrize('keep', [0.1, 0.25, 0.5])
 @pytest.mark.parametrize('clca', [False, True])
-def test_official_checkpoints_give_the_official_outputs(official, method, keep, clca):
-    sd = official(method=method, keep=keep, clc=clca, cla=clca)
-    ours = tiny(method=method, keep=keep, clc=clca, cla=clca).eval()
+def test_official_checkpoints_give_the_official_outputs(method, keep, clca):
+    sd = official_weights(toy(method=method, keep=keep, clc=clca, cla=clca))
+    ours = toy(method=method, keep=keep, clc=clca, cla=clca).eval()
     assert load_weights(ours, {'model': sd}, verbose=False) == ([], [])  # zero-size stages (K = 0) included
     images = torch.randn(1 if method == 'ats' else 2, 3, 32, 32)
     with torch.no_grad():
         torch.manual_seed(7)  # DPC-KNN's tie-breaking noise: the same draws on both sides
-        mine = ours(images)
+        mine, _ = ours(images)
         torch.manual_seed(7)
         theirs = reference_forward(sd, images, method, keep, clca, clca)
         torch.manual_seed(7)
@@ -243,17 +229,14 @@ def test_official_checkpoints_give_the_official_outputs(official, method, keep, 
         torch.testing.assert_close(zero_mean, theirs)  # the rule changes nothing where the reference is finite
 
 
-@pytest.mark.parametrize('backbone', ['vit_tiny_patch16_224', 'deit3_small_patch16_224'])
-def test_an_official_training_checkpoint_loads_and_gives_the_official_outputs(official, tmp_path, backbone):
-    """The whole file the paper's training script writes (args Namespace, optimizer, a 1000-way head)."""
-    sd = official(backbone, method='evit', keep=0.3, clc=True, cla=True)
-    torch.save({'model': sd | {'head.weight': torch.randn(1000, D), 'head.bias': torch.zeros(1000)},
-                'optimizer': {'state': {}, 'param_groups': []}, 'lr_scheduler': {'last_epoch': 49}, 'epoch': 49,
-                'scaler': {'scale': 65536.0}, 'args': argparse.Namespace(model='vit_tiny', keep_rate=[0.3], clc=True)},
-               tmp_path / 'official.pth')
-    model = tiny(backbone=backbone, method='evit', keep=0.3, clc=True, cla=True).eval()
+@pytest.mark.parametrize('family', ['vit', 'deit3'])
+def test_an_official_training_checkpoint_loads_and_gives_the_official_outputs(tmp_path, family):
+    """The whole file the paper's training script writes, LayerScale and DeiT-3's position rows included."""
+    sd = official_weights(toy(family, method='evit', keep=0.3, clc=True, cla=True))
+    official_file(tmp_path / 'official.pth', sd, model='evit_vit_tiny', keep_rate=[0.3], clc=True)
+    model = toy(family, method='evit', keep=0.3, clc=True, cla=True).eval()
     assert load_weights(model, tmp_path / 'official.pth', verbose=False) == ([], [])  # the unused head is dropped
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(model(images), reference_forward(sd, images, 'evit', 0.3, True, True),
+        torch.testing.assert_close(model(images)[0], reference_forward(sd, images, 'evit', 0.3, True, True),
                                    atol=1e-4, rtol=1e-4)

@@ -4,9 +4,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import tiny, trace
+from conftest import toy, trace
 from model import Attention, backbone_config
-from reduce import Tokens, build_reducers, cls_attention, evit, tome
+from reduce import DecidedTokens, Tokens, build_reducers, cls_attention, evit, tome
 
 
 def full_attention(q, k, v):
@@ -73,7 +73,7 @@ def expected_lengths(num_tokens, keeps, fuse, loc, depth, clc=False, num_clr=0, 
 @pytest.mark.parametrize('clc', [dict(clc=False), dict(clc=True), dict(clc=True, num_clr=2, clc_gap=False),
                                  dict(clc=True, num_clr=0, clc_last=False)])
 def test_token_counts_follow_the_keep_rule_and_cls_survives(method, keep, loc, clc):
-    model = tiny(method=method, keep=keep, loc=loc, cla=clc['clc'], **clc).eval()
+    model = toy(method=method, keep=keep, loc=loc, cla=clc['clc'], **clc).eval()
     with torch.no_grad():
         _, seen = trace(model, torch.randn(2, 3, 32, 32))
     keeps = keep * len(loc) if len(keep) == 1 else keep
@@ -92,18 +92,19 @@ def test_token_counts_follow_the_keep_rule_and_cls_survives(method, keep, loc, c
 
 
 def test_keep_one_or_no_locations_means_no_reduction():
-    assert len(build_reducers('evit', (1.0,), 3, 64, 8)) == 0
-    assert len(build_reducers('evit', (0.5,), 0, 64, 8)) == 0
-    assert len(build_reducers('none', (0.5,), 3, 64, 8)) == 0
-    assert len(build_reducers('topk', (0.5, 1.0), 2, 64, 8)) == 2
+    cfg = lambda **kw: backbone_config('vit_tiny_patch16_224', img_size=32, patch_size=4, **kw)
+    assert len(build_reducers(cfg(method='evit', keep=1.0))) == 0
+    assert len(build_reducers(cfg(method='evit', keep=0.5, loc=()))) == 0
+    assert len(build_reducers(cfg(method='none', keep=0.5))) == 0
+    assert len(build_reducers(cfg(method='topk', keep=(0.5, 1.0), loc=(3, 6)))) == 2
     t = Tokens(x=torch.randn(1, 9, 4), idx=torch.arange(9)[None])
     assert evit(t, torch.rand(1, 9), 1.0) is t
-    model = tiny(method='evit', keep=(0.5, 1.0, 0.5)).eval()
+    model = toy(method='evit', keep=(0.5, 1.0, 0.5)).eval()
     with torch.no_grad():
         _, seen = trace(model, torch.randn(1, 3, 32, 32))
     assert [seen[i][1].x.shape[1] for i in (3, 6, 9)] == [1 + 32 + 1, 1 + 32 + 1, 1 + 17 + 1]
     with pytest.raises(ValueError, match='unknown reduction method'):
-        build_reducers('magic', (0.5,), 3, 64, 8)
+        build_reducers(cfg(method='magic', keep=0.5))
 
 
 def random_tokens(B, N, D, sizes=False):
@@ -149,7 +150,7 @@ def test_proportional_attention_equals_attention_over_duplicated_tokens():
     attn_mod = Attention(backbone_config('vit_tiny_patch16_224', embed_dim=48, num_heads=3))
     x = torch.randn(1, 4, 48)
     t = replace(random_tokens(1, 4, 48), x=x, size=torch.tensor([[[1.], [2.], [1.], [3.]]]))
-    out, _ = attn_mod(x, t.attn_bias())
+    out, _ = attn_mod(x, t.attend)
     dup, _ = attn_mod(x[:, [0, 1, 1, 2, 3, 3, 3]])
     torch.testing.assert_close(out, dup[:, [0, 1, 3, 4]], atol=1e-5, rtol=1e-5)
 
@@ -157,7 +158,7 @@ def test_proportional_attention_equals_attention_over_duplicated_tokens():
 @pytest.mark.parametrize('keep', [0.1, 0.5, 0.7])
 @pytest.mark.parametrize('clc', [False, True])
 def test_tome_token_counts_follow_its_schedule_and_the_cap(keep, clc):
-    model = tiny(method='tome', keep=keep, clc=clc).eval()
+    model = toy(method='tome', keep=keep, clc=clc).eval()
     with torch.no_grad():
         _, seen = trace(model, torch.randn(2, 3, 32, 32))
     n, targets, before = 65 + clc, [int(64 * keep ** (s + 1)) for s in range(3)], 64
@@ -172,7 +173,7 @@ def test_tome_token_counts_follow_its_schedule_and_the_cap(keep, clc):
 @pytest.mark.parametrize('method', ['patchmerger', 'sit'])
 @pytest.mark.parametrize('clc', [False, True])
 def test_pooling_methods_keep_cls_and_pool_into_the_scheduled_count(method, clc):
-    model = tiny(method=method, keep=0.1, clc=clc).eval()
+    model = toy(method=method, keep=0.1, clc=clc).eval()
     with torch.no_grad():
         _, seen = trace(model, torch.randn(2, 3, 32, 32))
     for s, i in enumerate((3, 6, 9)):
@@ -216,7 +217,7 @@ def test_dpcknn_merges_the_patches_and_never_touches_the_protected_suffix():
 
 
 def test_dpcknn_with_clc_protects_clr_and_every_recovered_token():
-    model = tiny(method='dpcknn', keep=0.25, clc=True).eval()
+    model = toy(method='dpcknn', keep=0.25, clc=True).eval()
     with torch.no_grad():
         _, seen = trace(model, torch.randn(2, 3, 32, 32))
     for i, protected in ((3, 1), (6, 1 + 6), (9, 1 + 12)):  # CLR, then 6 more per recovery
@@ -229,8 +230,9 @@ def test_dpcknn_with_clc_protects_clr_and_every_recovered_token():
 def test_dynamicvit_masked_attention_equals_attention_over_the_kept_tokens():
     attn_mod = Attention(backbone_config('vit_tiny_patch16_224', embed_dim=48, num_heads=3))
     x = torch.randn(2, 7, 48)
-    policy = torch.tensor([1., 1, 0, 1, 0, 0, 1]).view(1, 7, 1).expand(2, -1, -1)
-    masked, _ = attn_mod(x, policy=policy)
+    decision = torch.tensor([1., 1, 0, 1, 0, 0, 1]).view(1, 7, 1).expand(2, -1, -1)
+    t = DecidedTokens(x=x, idx=torch.arange(7).expand(2, -1), decision=decision, gated=True)
+    masked, _ = attn_mod(x, t.attend)
     kept = [0, 1, 3, 6]
     alone, _ = attn_mod(x[:, kept])
     torch.testing.assert_close(masked[:, kept], alone, atol=1e-5, rtol=1e-4)
@@ -258,17 +260,17 @@ def test_dynamicvit_training_mask_and_eval_removal_keep_the_same_tokens(monkeypa
     masked = trained.decision[0, :, 0].nonzero().flatten().tolist()
     removed = reducer.eval()(t, None).idx[0].tolist()
     assert sorted(removed) == masked == [0, 1, 3, 5]
-    assert trained.aux == pytest.approx(2.0 * (3 / 6 - 0.5) ** 2)
+    assert trained.loss == pytest.approx(2.0 * (3 / 6 - 0.5) ** 2)
 
 
 def test_dynamicvit_ratio_loss_is_the_squared_gap_to_the_target(monkeypatch):
     reducer = fixed_dynamicvit(monkeypatch, torch.tensor([1., 1, 1, 1, -1, -1]))  # keeps 4 of 6
-    assert reducer.train()(random_tokens(3, 7, 8), None).aux == pytest.approx(2.0 * (4 / 6 - 0.5) ** 2)
+    assert reducer.train()(random_tokens(3, 7, 8), None).loss == pytest.approx(2.0 * (4 / 6 - 0.5) ** 2)
 
 
 @pytest.mark.parametrize('clc', [False, True])
 def test_dynamicvit_eval_counts(clc):
-    model = tiny(method='dynamicvit', keep=0.5, clc=clc).eval()
+    model = toy(method='dynamicvit', keep=0.5, clc=clc).eval()
     with torch.no_grad():
         _, seen = trace(model, torch.randn(2, 3, 32, 32))
     n = 65 + clc
@@ -306,7 +308,7 @@ def test_ats_samples_by_inverse_transform_and_pads_per_image_counts():
     width = max(map(len, want))
     assert len(want[0]) < len(want[1]) == width  # the images keep different numbers of tokens
     assert out.idx.tolist() == [w + [-1] * (width - len(w)) for w in want]
-    assert out.mask.tolist() == [[True] * len(w) + [False] * (width - len(w)) for w in want]
+    assert out.valid.tolist() == [[True] * len(w) + [False] * (width - len(w)) for w in want]
     torch.testing.assert_close(out.x[0, len(want[0]):], t.x[0, :1].expand(width - len(want[0]), -1))  # CLS copies
     bias = out.attn_bias()
     assert bias.shape == (B, 1, 1, width) and torch.isinf(bias[0, 0, 0, len(want[0]):]).all() and (bias[1] == 0).all()
@@ -316,10 +318,10 @@ def test_ats_padding_is_invisible_to_attention_averages_and_sampling():
     from reduce import ats
     attn_mod = Attention(backbone_config('vit_tiny_patch16_224', embed_dim=48, num_heads=3))
     x = torch.randn(1, 6, 48)
-    t = Tokens(x=x, idx=torch.arange(6)[None], mask=torch.tensor([[True, True, True, True, False, False]]))
+    t = Tokens(x=x, idx=torch.arange(6)[None], valid=torch.tensor([[True, True, True, True, False, False]]))
     garbage = replace(t, x=torch.cat([x[:, :4], 100 * torch.randn(1, 2, 48)], 1))
-    a, _ = attn_mod(t.x, t.attn_bias())
-    b, _ = attn_mod(garbage.x, garbage.attn_bias())
+    a, _ = attn_mod(t.x, t.attend)
+    b, _ = attn_mod(garbage.x, garbage.attend)
     torch.testing.assert_close(a[:, :4], b[:, :4])  # valid tokens never see the padding
     torch.testing.assert_close(t.mean(1, 6), x[:, 1:4].mean(1, keepdim=True))
     q, k, v = ats_inputs(1, 6, [[4, 5]])  # all CLS attention on the padding: it still cannot be sampled
@@ -329,7 +331,7 @@ def test_ats_padding_is_invisible_to_attention_averages_and_sampling():
 @pytest.mark.parametrize('method', ['evit', 'topk', 'tome', 'ats', 'patchmerger', 'sit', 'dpcknn', 'dynamicvit'])
 @pytest.mark.parametrize('training', [False, True])
 def test_cls_is_never_removed_by_any_method(method, training):
-    model = tiny(method=method, keep=0.1, clc=True, cla=True).train(training)
+    model = toy(method=method, keep=0.1, clc=True, cla=True).train(training)
     _, seen = trace(model, torch.randn(2, 3, 32, 32))
     for block_in, block_out in seen:
         assert (block_out.idx[:, 0] == 0).all() and (block_in.idx[:, 0] == 0).all()

@@ -10,7 +10,8 @@ import torch
 
 import eval as evaluation
 import train
-from conftest import tiny
+from conftest import toy
+from model import ModelConfig, ViT
 
 ROOT = Path(__file__).resolve().parents[1]
 # a tiny, fast version of the embedded preset: 32 px leaves, 16 patches of 8 px
@@ -31,6 +32,9 @@ def test_one_epoch_on_the_embedded_data(tmp_path, capsys):
     assert ckpt['epoch'] == 2 and ckpt['args']['dataset'] == 'leaves' and 'optimizer' in ckpt
     config = json.loads((tmp_path / 'config.json').read_text())
     assert config['keep'] == [0.1] and config['model']['clc'] and config['model']['cla']
+    model = ViT(ModelConfig(**ckpt['config']))  # the checkpoint describes its model: rebuild it, load it strictly
+    model.load_state_dict(ckpt['model'])
+    assert (model.cfg.method, model.cfg.keep, model.cfg.img_size, model.cfg.num_classes) == ('evit', (0.1,), 32, 10)
     assert [m['epoch'] for m in read_log(tmp_path)] == [1, 2]
 
 
@@ -45,9 +49,9 @@ def test_resume_continues_the_same_trajectory(tmp_path, monkeypatch):
     train.main(args + ['--out', str(tmp_path / 'straight')])
     real_save = train.save_checkpoint
 
-    def crash_after_saving(obj, path):
-        real_save(obj, path)
-        if obj['epoch'] == 1:
+    def crash_after_saving(model, path, **state):
+        real_save(model, path, **state)
+        if state['epoch'] == 1:
             raise KeyboardInterrupt  # the machine goes down right after epoch 1 was saved
     monkeypatch.setattr(train, 'save_checkpoint', crash_after_saving)
     with pytest.raises(KeyboardInterrupt):
@@ -70,7 +74,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
         calls.append(1)
         loss = real_ce(logits, labels, **kw)
         return loss * float('nan') if len(calls) > 30 else loss  # epoch 1: 20 steps, 10 test batches
-    monkeypatch.setattr(train.F, 'cross_entropy', ce)
+    monkeypatch.setattr(torch.nn.functional, 'cross_entropy', ce)
     with pytest.raises(SystemExit, match='the loss became nan in epoch 2.*--clip-grad'):
         train.main(FAST + ['--epochs', '3', '--out', str(tmp_path)])
     assert torch.load(tmp_path / 'last.pt', weights_only=True)['epoch'] == 1
@@ -104,6 +108,7 @@ def test_a_short_run_shrinks_the_default_warm_up_and_cool_down_but_refuses_given
     (['--img-size', '30'], 'multiple of patch_size'), (['--epochs', '0'], 'epochs'),
     (['--epochs', '3', '--warmup-epochs', '2', '--cooldown-epochs', '2'], 'exceed --epochs'),
     (['--resume', 'x.pt', '--lr', '1'], 'drop --lr'), (['--backbone', 'resnet50'], 'unknown backbone'),
+    (['--batch-size', '1'], 'at least 2 images'),
 ])
 def test_flags_are_checked_at_parse_time(argv, match, capsys):
     with pytest.raises(SystemExit) as e:
@@ -124,7 +129,7 @@ def test_defaults_are_the_paper_recipe_for_real_data():
 
 
 def test_weight_decay_only_on_weight_matrices():
-    model = tiny(method='evit', keep=0.5, clc=True, cla=True)
+    model = toy(method='evit', keep=0.5, clc=True, cla=True)
     decay, rest = (set(map(id, g['params'])) for g in train.param_groups(model, 0.05))
     named = dict(model.named_parameters())
     for name in ('pos_embed', 'cls_token', 'clr', 'blocks.0.attn.qkv.bias', 'blocks.0.norm1.weight',

@@ -1,0 +1,194 @@
+"""Every checkpoint this project reads or writes.
+
+- Reads: timm's pretrained files, the official DeiT / DeiT-3 / MAE / DINO / MoCo v3 containers, the
+  training checkpoints of the paper's code (arkel23/CLCA) and this project's own; `.safetensors` files
+  when the optional safetensors package is installed.
+- Never unpickles arbitrary objects: only tensors, plain containers and argparse.Namespace (the
+  paper's code saves its arguments as one).
+- Writes: this project's checkpoints, atomically, as plain dicts that store the model's ModelConfig.
+
+Not here: the architecture (model.py) and what a training run stores besides the model (train.py).
+"""
+import argparse
+import math
+import os
+import pickle
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model import ModelConfig, ViT, backbone_config
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unsafe to unpickle, or does not fit the model."""
+
+
+def pretrained_url(backbone: str) -> str:
+    """Where timm publishes the weights of a tagged backbone name, e.g. 'deit_base_patch16_224.fb_in1k'."""
+    if '.' not in backbone:
+        raise CheckpointError(f'{backbone} has no pretrained tag: name one (e.g. {backbone}.augreg_in21k), '
+                              'pass a file with --pretrained, or train from scratch with --pretrained none')
+    return f'https://huggingface.co/timm/{backbone}/resolve/main/pytorch_model.bin'
+
+
+def open_checkpoint(source):
+    """The object stored at a path or an http(s) URL (downloaded once into torch.hub's cache), or
+    `source` itself if it is already loaded. Unpickles plain containers, tensors and
+    argparse.Namespace (the paper's saved 'args') only."""
+    if not isinstance(source, (str, os.PathLike)):
+        return source
+    path = str(source)
+    if path.startswith(('http://', 'https://')):
+        name = re.sub(r'[^\w.-]+', '_', path.split('://', 1)[1].split('?')[0])  # unique per URL
+        dst = os.path.join(torch.hub.get_dir(), 'checkpoints', name)
+        if not os.path.exists(dst):
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            try:
+                torch.hub.download_url_to_file(path, dst)
+            except OSError as e:  # URLError and HTTPError are OSErrors
+                raise CheckpointError(f'could not download {path} ({e}): download it where there is a network '
+                                      'and pass the file (--pretrained PATH), or use --pretrained none') from None
+        path = dst
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint not found: {path}')
+    if path.endswith('.safetensors'):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError(f'{path} is a .safetensors file: pip install safetensors to read it') from None
+        return load_file(path)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = re.search(r'GLOBAL ([\w.]+)', str(e))  # a real checkpoint that holds more than tensors
+        if unsafe:
+            raise CheckpointError(f'{path} holds a {unsafe.group(1)} object, and unpickling it could run code: '
+                                  'refusing it (load only tensors, containers and argparse.Namespace)') from None
+        raise CheckpointError(f'{path} is not a PyTorch checkpoint (torch.load cannot read its bytes)') from None
+    except (RuntimeError, KeyError, EOFError, ValueError) as e:
+        raise CheckpointError(f'{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0][:120]})') from None
+
+
+def read_checkpoint(source) -> dict:
+    """A flat {name: tensor} from anything `open_checkpoint` takes.
+
+    Understands timm files, the official DeiT/MAE/DINO/MoCo v3 containers ('model', 'state_dict',
+    'module.' and 'base_encoder.' prefixes), the paper's training checkpoints and this project's.
+    """
+    sd = open_checkpoint(source)
+    for key in ('model', 'state_dict', 'module'):
+        if isinstance(sd.get(key), dict):
+            sd = sd[key]
+    sd = {k.removeprefix('module.'): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    # the paper's code names the learned parts of a reduction after the method; here they are `reducers`
+    sd = {re.sub(r'^(cluster_layers|score_predictor)\.', 'reducers.', k): v for k, v in sd.items()}
+    if any(k.startswith('base_encoder.') for k in sd):  # MoCo v3: keep the online encoder only
+        sd = {k.removeprefix('base_encoder.'): v for k, v in sd.items() if k.startswith('base_encoder.')}
+    return sd
+
+
+def resample_grid(pos: torch.Tensor, side: int) -> torch.Tensor:
+    """Bicubic (antialiased) resampling of grid position embeddings (1, g*g, D) -> (1, side*side, D)."""
+    g, D = math.isqrt(pos.shape[1]), pos.shape[2]
+    if g == side:
+        return pos
+    grid = pos.float().reshape(1, g, g, D).permute(0, 3, 1, 2)                  # (1, D, g, g)
+    grid = F.interpolate(grid, size=(side, side), mode='bicubic', antialias=True, align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, side * side, D).to(pos.dtype)     # (1, side*side, D)
+
+
+def load_weights(model: ViT, source, verbose: bool = True):
+    """Load a checkpoint into `model`: resample pos_embed to the model's grid, drop a classifier
+    head that does not fit, refuse any other shape mismatch, then start CLR from the loaded CLS
+    when the checkpoint has none. Returns torch's (missing_keys, unexpected_keys)."""
+    sd = read_checkpoint(source)
+    own = model.state_dict()
+    notes = []
+    if 'pos_embed' in sd:
+        pos, prefix = sd['pos_embed'], 0 if model.cfg.no_embed_class else 1
+        extra = sd['clr'].shape[1] if 'clr' in sd and prefix else 0  # the paper's code appends CLR rows
+        cells = pos.shape[1] - prefix - extra
+        if math.isqrt(cells) ** 2 != cells:
+            raise CheckpointError(f'checkpoint pos_embed has {pos.shape[1]} rows, which is no square grid with '
+                                  f'{prefix} CLS row(s): is the backbone right (DeiT-3 has no CLS position row)?')
+        mine = own['pos_embed'][:, prefix + model.num_patches:]  # this model's CLR rows
+        clr_rows = pos[:, prefix + cells:] if extra == mine.shape[1] else mine.to(pos)
+        side = math.isqrt(model.num_patches)
+        sd['pos_embed'] = torch.cat([pos[:, :prefix], resample_grid(pos[:, prefix:prefix + cells], side),
+                                     clr_rows], 1)
+        if cells != model.num_patches:
+            notes.append(f'resampled pos_embed grid {math.isqrt(cells)}x{math.isqrt(cells)} -> {side}x{side}')
+    for k in [k for k in sd if k.startswith('head.')]:
+        if k not in own or own[k].shape != sd[k].shape:
+            notes.append(f'dropped {k} {tuple(sd.pop(k).shape)} (this model has its own classifier)')
+    bad = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}'
+           for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if bad:
+        raise CheckpointError(f'checkpoint does not fit this model ({len(bad)} shape mismatches, checkpoint vs '
+                              f'model): {"; ".join(bad[:3])}: check backbone, patch size, num_clr and num_classes')
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if 'clr' in missing and 'cls_token' in sd:
+        model.init_clr()
+        missing.remove('clr')
+        notes.append('initialised CLR from the loaded CLS token')
+    if verbose:
+        for what, keys in (('missing (kept as initialised)', missing), ('unexpected (ignored)', unexpected)):
+            groups = {}  # 'ifa_head.0.1.bias', 'ifa_head.0.4.weight' -> 'ifa_head.* (2)'
+            for k in keys:
+                groups.setdefault(k.split('.')[0], []).append(k)
+            if keys:
+                notes.append(f'{what}: ' + ', '.join(g[0] if len(g) == 1 else f'{top}.* ({len(g)})'
+                                                      for top, g in groups.items()))
+        name = source if isinstance(source, (str, os.PathLike)) else 'a state dict'
+        print(f'loaded {len(sd) - len(unexpected)} tensors from {name}' + ''.join('\n  ' + n for n in notes))
+    return missing, unexpected
+
+
+# the paper's code names a model '<method>_<timm name>' (e.g. evit_vit_base_patch16_clip_224.laion2b)
+OFFICIAL_METHODS = {'evit': 'evit', 'topk': 'topk', 'tome': 'tome', 'ats': 'ats', 'patchmerger': 'patchmerger',
+                    'sit': 'sit', 'dpcknn': 'dpcknn', 'dyvit': 'dynamicvit'}
+# ModelConfig field <- the paper's argument name
+OFFICIAL_ARGS = {'img_size': 'input_size', 'keep': 'keep_rate', 'loc': 'reduction_loc', 'clc': 'clc', 'cla': 'ifa_head',
+                 'num_clr': 'num_clr', 'clc_gap': 'clc_include_gap', 'clc_last': 'clc_recover_at_last'}
+
+
+def model_config(raw) -> ModelConfig | None:
+    """The model a loaded checkpoint describes, or None when it describes none (a timm file, a state dict).
+
+    This project's checkpoints store their ModelConfig whole. The paper's code saved its command line
+    as an argparse.Namespace: translating that is the one special case.
+    """
+    if not isinstance(raw, dict):
+        return None
+    if isinstance(raw.get('config'), dict):
+        return ModelConfig(**raw['config'])
+    if not isinstance(raw.get('args'), argparse.Namespace):
+        return None
+    args = vars(raw['args'])
+    if not isinstance(args.get('model'), str):
+        raise CheckpointError("the checkpoint's saved arguments name no model: pass the model flags of eval.py")
+    prefix, _, rest = args['model'].partition('_')
+    method, backbone = (OFFICIAL_METHODS[prefix], rest) if prefix in OFFICIAL_METHODS else ('none', args['model'])
+    fields = {ours: args[theirs] for ours, theirs in OFFICIAL_ARGS.items() if args.get(theirs) is not None}
+    sd = read_checkpoint(raw)
+    classifier = sd.get('ifa_head.0.4.weight', sd.get('head.weight'))
+    num_classes = classifier.shape[0] if classifier is not None else 1000
+    try:
+        return backbone_config(backbone, method=method, num_classes=num_classes, **fields)
+    except ValueError as e:
+        raise CheckpointError(f'the checkpoint describes a model this code cannot build: {e}') from None
+
+
+def save_checkpoint(model: ViT, path: Path, **state):
+    """Write {'model': weights, 'config': the ModelConfig as a dict, **state} atomically: a crash
+    mid-write leaves the previous file intact. Loadable with torch.load(weights_only=True)."""
+    tmp = path.with_suffix('.tmp')
+    with open(tmp, 'wb') as f:
+        torch.save(dict(model=model.state_dict(), config=asdict(model.cfg), **state), f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
