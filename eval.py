@@ -23,7 +23,7 @@ from data import DATASETS, DatasetError, build_dataset
 from model import ViT, backbone_config, gmacs
 from reduce import METHODS
 from train import PAPER, add_model_flags, autocast_args, evaluate, exit_with, model_fields, runtime_defaults
-from weights import CheckpointError, load_weights, model_config, open_checkpoint, read_checkpoint
+from weights import CheckpointError, load_weights, model_config, num_classes_in, open_checkpoint, read_checkpoint
 
 
 def parse_args(argv=None):
@@ -57,9 +57,7 @@ def build(args, checkpoint=None):
     if cfg is not None:
         cfg = replace(cfg, **flags)
     else:  # no checkpoint, or one that describes no model (a timm file): the flags say what to build
-        sd = read_checkpoint(raw) if raw is not None else {}
-        head = sd.get('ifa_head.0.4.weight', sd.get('head.weight'))
-        num_classes = args.num_classes or (head.shape[0] if head is not None else 1000)
+        num_classes = args.num_classes or num_classes_in(read_checkpoint(raw) if raw is not None else {})
         cfg = backbone_config(args.backbone or PAPER['backbone'], num_classes=num_classes,
                               **{'img_size': PAPER['img_size'], **flags})
     model = ViT(cfg)

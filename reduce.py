@@ -46,13 +46,13 @@ class Tokens:
     valid: Optional[torch.Tensor] = None  # (B, N) bool, False on ATS's padding, else None
     loss: torch.Tensor | float = 0.0      # training loss the reductions add to the cross-entropy (DynamicViT's)
 
-    def select(self, index: torch.Tensor, protected: int = 0) -> 'Tokens':
-        """Keep the tokens at `index` (B, K), in that order; the last `protected` of them form the new
-        protected suffix (none by default: a selection reorders the tokens)."""
+    def select(self, index: torch.Tensor) -> 'Tokens':
+        """Keep the tokens at `index` (B, K), in that order. The result has no protected suffix: a
+        selection reorders the tokens, so the kept ones are ordinary tokens from here on."""
         x = self.x.gather(1, index.unsqueeze(-1).expand(-1, -1, self.x.shape[-1]))  # (B, K, D)
         size = None if self.size is None else self.size.gather(1, index.unsqueeze(-1))  # (B, K, 1)
         valid = None if self.valid is None else self.valid.gather(1, index)              # (B, K)
-        return replace(self, x=x, idx=self.idx.gather(1, index), size=size, valid=valid, protected=protected)
+        return replace(self, x=x, idx=self.idx.gather(1, index), size=size, valid=valid, protected=0)
 
     def append(self, extra: torch.Tensor) -> 'Tokens':
         """Append made tokens `extra` (B, M, D) at the end, into the protected suffix; each one is a
@@ -381,8 +381,8 @@ class DecidedTokens(Tokens):
                           # as kept in training and as dropped in the pooling of its eval-time predictor
     gated: bool = False   # training: nothing is removed, attention is masked instead
 
-    def select(self, index: torch.Tensor, protected: int = 0) -> 'DecidedTokens':
-        out = super().select(index, protected)
+    def select(self, index: torch.Tensor) -> 'DecidedTokens':
+        out = super().select(index)
         return replace(out, decision=self.decision.gather(1, index.unsqueeze(-1)))     # (B, K, 1)
 
     def append(self, extra: torch.Tensor) -> 'DecidedTokens':

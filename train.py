@@ -110,7 +110,7 @@ def parse_args(argv=None):
         if given:
             p.error(f'--resume continues a run with the flags saved in its checkpoint: drop {" ".join(given)}')
         return args
-    given = {k for k in ('warmup_epochs', 'cooldown_epochs') if getattr(args, k) is not None}
+    phases_set = {k for k in ('warmup_epochs', 'cooldown_epochs') if getattr(args, k) is not None}
     for key, value in {**CLCA, **(LEAVES if args.dataset == 'leaves' else PAPER)}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -131,7 +131,7 @@ def parse_args(argv=None):
         p.error('--workers must be 0 or more')
     for name in ('cooldown_epochs', 'warmup_epochs'):  # a short run shrinks the default phases, cool-down first,
         excess = args.warmup_epochs + args.cooldown_epochs - (args.epochs - 1)  # to leave a cosine epoch
-        if excess > 0 and name not in given:
+        if excess > 0 and name not in phases_set:
             setattr(args, name, max(0, getattr(args, name) - excess))
             print(f'--epochs {args.epochs}: {args.warmup_epochs} warm-up and {args.cooldown_epochs} cool-down epochs')
     if args.warmup_epochs + args.cooldown_epochs > args.epochs:

@@ -156,6 +156,12 @@ OFFICIAL_ARGS = {'img_size': 'input_size', 'keep': 'keep_rate', 'loc': 'reductio
                  'num_clr': 'num_clr', 'clc_gap': 'clc_include_gap', 'clc_last': 'clc_recover_at_last'}
 
 
+def num_classes_in(sd: dict, default: int = 1000) -> int:
+    """Classes of a flat state dict's classifier (the CLA head's, else the linear head's), or `default`."""
+    classifier = sd.get('ifa_head.0.4.weight', sd.get('head.weight'))
+    return classifier.shape[0] if classifier is not None else default
+
+
 def model_config(raw) -> ModelConfig | None:
     """The model a loaded checkpoint describes, or None when it describes none (a timm file, a state dict).
 
@@ -174,11 +180,8 @@ def model_config(raw) -> ModelConfig | None:
     prefix, _, rest = args['model'].partition('_')
     method, backbone = (OFFICIAL_METHODS[prefix], rest) if prefix in OFFICIAL_METHODS else ('none', args['model'])
     fields = {ours: args[theirs] for ours, theirs in OFFICIAL_ARGS.items() if args.get(theirs) is not None}
-    sd = read_checkpoint(raw)
-    classifier = sd.get('ifa_head.0.4.weight', sd.get('head.weight'))
-    num_classes = classifier.shape[0] if classifier is not None else 1000
     try:
-        return backbone_config(backbone, method=method, num_classes=num_classes, **fields)
+        return backbone_config(backbone, method=method, num_classes=num_classes_in(read_checkpoint(raw)), **fields)
     except ValueError as e:
         raise CheckpointError(f'the checkpoint describes a model this code cannot build: {e}') from None
 

@@ -41,14 +41,18 @@ def small_leaves(monkeypatch):
     monkeypatch.setattr(data.Leaves, 'per_class', {'train': 100, 'test': 50})
 
 
+def official_prefix(method: str) -> str:
+    """What the paper's code calls the learned parts of the reduction stages."""
+    return 'score_predictor' if method == 'dynamicvit' else 'cluster_layers'
+
+
 def official_weights(model):
     """Random weights for `model`, named as the paper's code names them (`cluster_layers.*`, or
     `score_predictor.*` for DynamicViT), with LayerScale gains and BatchNorm variances kept away from 0."""
     sd = {k: torch.randn_like(v) * 0.3 if v.is_floating_point() else v for k, v in model.state_dict().items()}
     sd |= {k: v + 1 for k, v in sd.items() if k.endswith('.gamma')}
     sd |= {k: v.abs() + 0.5 for k, v in sd.items() if k.endswith('running_var')}
-    prefix = 'score_predictor.' if model.cfg.method == 'dynamicvit' else 'cluster_layers.'
-    return {k.replace('reducers.', prefix): v for k, v in sd.items()}
+    return {k.replace('reducers.', official_prefix(model.cfg.method) + '.'): v for k, v in sd.items()}
 
 
 def official_file(path, sd, **args):

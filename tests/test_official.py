@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import official_file, official_weights, toy
+from conftest import official_file, official_prefix, official_weights, toy
 from weights import load_weights
 
 P, D, HEADS, DEPTH, LOC, NUM_CLR, PATCH = 64, 48, 3, 12, (3, 6, 9), 1, 4
@@ -146,7 +146,6 @@ def dynamicvit_before(st, s, x, w):
 
 BEFORE = {'patchmerger': patchmerger_before, 'sit': sit_before, 'dpcknn': dpcknn_before,
           'dynamicvit': dynamicvit_before}
-PREFIX = {'dynamicvit': 'score_predictor'}  # the reference's names for the learned parts of a stage
 
 
 def block(sd, i, x, st, inside):
@@ -177,7 +176,7 @@ def reference_forward(sd, images, method, keep, clc, cla, empty_mean='nan'):
     cache, cls_list, curr, recovery = [], [], x.shape[1] - (NUM_CLR if clc else 0), LOC + (DEPTH - 2,)
     for i in range(DEPTH):
         if i in LOC and method in BEFORE:
-            prefix = f'{PREFIX.get(method, "cluster_layers")}.{LOC.index(i)}.'
+            prefix = f'{official_prefix(method)}.{LOC.index(i)}.'
             x = BEFORE[method](st, LOC.index(i), x, {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
         x = block(sd, i, x, st, INSIDE.get(method) if i in LOC else None)
         if clc and i in recovery:  # re-insert the carriers cached since the last recovery
