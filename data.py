@@ -150,6 +150,7 @@ class Leaves(Dataset):
     """
 
     per_class = {'train': 400, 'test': 100}  # images per class and split
+    cache_bytes = 2**30  # keep a split's rendered images in memory when they fit in this
 
     def __init__(self, split, img_size, transform, num_classes=10, seed=0):
         per_class = self.per_class[split]
@@ -160,13 +161,18 @@ class Leaves(Dataset):
             raise DatasetError(f'leaves has at most {len(combos)} classes')
         order = torch.randperm(len(combos), generator=torch.Generator().manual_seed(seed))
         self.signatures = [combos[j] for j in order[:num_classes].tolist()]
+        self.rendered = {}
 
     def __len__(self):
         return self.n
 
     def __getitem__(self, i):
         label = i % self.num_classes
-        img = render_leaf(self.signatures[label], self.size, f'{self.seed}/{self.split}/{i}')
+        img = self.rendered.get(i)
+        if img is None:  # an image is the same every epoch: draw it once (80 MB for the demo's 5,000)
+            img = render_leaf(self.signatures[label], self.size, f'{self.seed}/{self.split}/{i}')
+            if self.n * img.numel() <= self.cache_bytes:
+                self.rendered[i] = img
         return self.transform(to_pil_image(img)), label
 
 

@@ -36,6 +36,9 @@ LEAVES = dict(backbone='vit_tiny_patch8_224', pretrained='none', img_size=64, ep
 # and the model both train: the paper's CLCA, EViT keeping 10 % at blocks 3, 6 and 9, cache and head on.
 CLCA = dict(method='evit', keep=[0.1], loc=[3, 6, 9], clc=True, cla=True, num_clr=1)
 MODEL_FLAGS = tuple(CLCA)  # the ModelConfig fields a flag can set, besides the backbone and image size
+DEVICES = ('auto', 'cuda', 'mps', 'cpu')
+# what may change when a run resumes on another machine: nothing that changes the math but the precision
+RESUME_FLAGS = ('--resume', '--amp', '--compile', '--no-compile', '--workers', '--device')
 
 
 def add_model_flags(p):
@@ -57,11 +60,38 @@ def model_fields(args) -> dict:
     return {k: getattr(args, k) for k in ('img_size',) + MODEL_FLAGS if getattr(args, k) is not None}
 
 
-def runtime_defaults(args, device: torch.device):
-    """Fill, where not given, the flags whose best value depends on the machine; called once per run."""
+def pick_device(name: str) -> torch.device:
+    """--device: 'auto' takes CUDA, then Apple's MPS, then the CPU."""
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    return torch.device(name)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices in hardware: Ampere and newer GPUs; CPUs with AMX tiles or
+    AVX512-BF16 (Sapphire Rapids and later Xeons, Zen 4), where oneDNN runs bf16 matmuls natively.
+    Elsewhere bf16 is emulated: slower than fp32 on a CPU, and not compiled by inductor on a GPU."""
+    if device.type == 'cuda':
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == 'cpu':
+        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return False
+
+
+def runtime_defaults(args, device: torch.device, train_width: int = 0):
+    """Fill, where not given, the flags whose best value depends on the machine; called once per run.
+    `train_width` is the model's width when it is to be trained (0: inference only).
+    - Precision: bf16 where the hardware has it; but training on a CPU a model narrower than 384 stays
+      fp32, because there autocast's casts cost more than its matmuls gain (an AMX Xeon trains ViT-Tiny
+      1.1x slower in bf16, ViT-S 1.3x and ViT-B 1.7x faster). fp16 with loss scaling on older GPUs, fp32
+      elsewhere (MPS included).
+    - Compile: on CUDA, except for ATS, whose image-dependent token counts recompile the graph.
+    - Workers: loading runs beside the model on a GPU; on a CPU or MPS the main process does it."""
     cuda = device.type == 'cuda'
-    args.amp = args.amp or ('bf16' if cuda else 'off')
-    args.compile = cuda if args.compile is None else args.compile
+    if args.amp is None:
+        narrow = device.type == 'cpu' and 0 < train_width < 384
+        args.amp = 'bf16' if native_bf16(device) and not narrow else 'fp16' if cuda else 'off'
+    args.compile = cuda and getattr(args, 'method', None) != 'ats' if args.compile is None else args.compile
     args.workers = (min(8, os.cpu_count() or 1) if cuda else 0) if args.workers is None else args.workers
 
 
@@ -96,19 +126,24 @@ def parse_args(argv=None):
     a('--warmup-lr', type=float, help='warm-up start (default lr / 100)')
     a('--weight-decay', type=float, default=0.05, help='on weights with 2 or more dims only')
     a('--clip-grad', type=float, default=0.0, help='max gradient norm, 0 = off')
-    a('--amp', choices=('bf16', 'fp16', 'off'), help='mixed precision (default bf16 on CUDA, off on CPU)')
-    a('--compile', action=argparse.BooleanOptionalAction, help='torch.compile (default on for CUDA)')
+    a('--amp', choices=('bf16', 'fp16', 'off'), help='mixed precision (default: bf16 where the hardware has '
+      'it, fp16 on older GPUs, off elsewhere; README: Speed)')
+    a('--compile', action=argparse.BooleanOptionalAction, help='torch.compile (default on for CUDA, except ATS)')
     a('--workers', type=int, help='data loading processes per process (default: 8 or the core count on '
-      'CUDA, 0 on a CPU, where the model needs the cores)')
+      'CUDA, 0 on a CPU or MPS, where the main process loads)')
+    a('--device', choices=DEVICES, default='auto', help='auto: CUDA, else Apple MPS, else the CPU')
     a('--seed', type=int, default=1, help='seed: the same seed gives the same run on a CPU')
     a('--out', help='output folder (default runs/<dataset>, numbered if taken)')
     a('--resume', help='checkpoint to continue from, with the flags it was started with')
     args = p.parse_args(argv)
-    if args.resume:
-        given = [x for x in (argv if argv is not None else sys.argv[1:])
-                 if x.startswith('--') and x.split('=')[0] != '--resume']
-        if given:
-            p.error(f'--resume continues a run with the flags saved in its checkpoint: drop {" ".join(given)}')
+    if (args.device == 'cuda' and not torch.cuda.is_available()) or \
+            (args.device == 'mps' and not torch.backends.mps.is_available()):
+        p.error(f'--device {args.device}: torch sees no such device here; use --device auto or cpu')
+    if args.resume:  # the model and recipe come from the checkpoint; the machine's flags may change
+        given = [x.split('=')[0] for x in (argv if argv is not None else sys.argv[1:]) if x.startswith('--')]
+        fixed = [x for x in given if x not in RESUME_FLAGS]
+        if fixed:
+            p.error(f'--resume continues a run with the flags saved in its checkpoint: drop {" ".join(fixed)}')
         return args
     phases_set = {k for k in ('warmup_epochs', 'cooldown_epochs') if getattr(args, k) is not None}
     for key, value in {**CLCA, **(LEAVES if args.dataset == 'leaves' else PAPER)}.items():
@@ -167,16 +202,23 @@ def out_dir(args) -> Path:
     return base.parent / (base.name + (f'-{n}' if n > 1 else ''))
 
 
-def setup_distributed():
-    """One code path for 1 or N processes: torchrun sets WORLD_SIZE, a plain run is world 1."""
-    cuda = torch.cuda.is_available()
+def setup_distributed(device: torch.device):
+    """One code path for 1 or N processes: torchrun sets WORLD_SIZE, a plain run is world 1. Returns
+    (rank, world, device), the device narrowed to this process's GPU."""
     if 'WORLD_SIZE' not in os.environ:
-        return 0, 1, torch.device('cuda' if cuda else 'cpu')
-    dist.init_process_group('nccl' if cuda else 'gloo')
-    local = int(os.environ.get('LOCAL_RANK', 0))
-    if cuda:
-        torch.cuda.set_device(local)
-    return dist.get_rank(), dist.get_world_size(), torch.device('cuda', local) if cuda else torch.device('cpu')
+        return 0, 1, device
+    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    if device.type == 'cuda':
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of one epoch on one process. It depends on (seed, epoch, rank) only, so a resumed run draws
+    what the uninterrupted one drew; rank 0 uses seed + epoch, so one process runs as it always did; other
+    ranks are offset so that their crops, flips and reduction noise differ from rank 0's."""
+    return seed + epoch + 1_000_003 * rank
 
 
 def split_for_rank(dataset, rank: int, world: int):
@@ -188,9 +230,11 @@ def split_for_rank(dataset, rank: int, world: int):
 def evaluate(model, loader, device, amp: dict, world: int = 1) -> dict:
     """Top-1 / top-5 accuracy (%) and mean cross-entropy, summed over all processes."""
     model.eval()
+    dtype = next(model.parameters()).dtype  # fp32 while training; eval.py may cast the model for inference
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, count
     for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images = images.to(device, dtype, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
         with torch.autocast(**amp):
             logits = model(images)[0].float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
@@ -205,14 +249,18 @@ def evaluate(model, loader, device, amp: dict, world: int = 1) -> dict:
 
 
 def train(args):
-    rank, world, device = setup_distributed()
-    ckpt = None
+    rank, world, device = setup_distributed(pick_device(args.device))
+    ckpt, how = None, 'given' if args.amp else 'saved' if args.resume else 'auto'
     if args.resume:
         ckpt = open_checkpoint(args.resume)
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get('args'), dict) or 'config' not in ckpt:
             raise CheckpointError(f'{args.resume} was not written by train.py: --resume continues its own runs only')
-        args = argparse.Namespace(**{**ckpt['args'], 'resume': args.resume})
-    runtime_defaults(args, device)
+        # the saved recipe, and the saved precision unless --amp is given (it changes the trajectory);
+        # compile, workers and device are this machine's
+        machine = dict(amp=args.amp or ckpt['args']['amp'], compile=args.compile, workers=args.workers,
+                       device=args.device, resume=args.resume)
+        args = argparse.Namespace(**{**ckpt['args'], **machine})
+    runtime_defaults(args, device, backbone_config(args.backbone, **model_fields(args)).embed_dim)
     amp = autocast_args(args.amp, device)
     say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
@@ -224,7 +272,7 @@ def train(args):
     test_set, _ = build_dataset(args.dataset, 'test', args.img_size, args.data_dir, mean, std)
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed, drop_last=True)
     loader_gen = torch.Generator()
-    kw = dict(num_workers=args.workers, pin_memory=device.type == 'cuda', persistent_workers=False)
+    kw = dict(num_workers=args.workers, pin_memory=device.type == 'cuda')
     train_loader = DataLoader(train_set, args.batch_size // world, sampler=sampler, drop_last=True,
                               generator=loader_gen, **kw)
     test_loader = DataLoader(split_for_rank(test_set, rank, world), args.batch_size // world, **kw)
@@ -240,6 +288,8 @@ def train(args):
         load_weights(model, pretrained, verbose=rank == 0)
         if world > 1 and rank == 0:
             dist.barrier()
+    if world > 1 and device.type == 'cuda':  # the CLA head's BatchNorm sees the global batch, as on one GPU
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
@@ -252,7 +302,11 @@ def train(args):
     net = torch.compile(model) if args.compile else model
     net = DDP(net, device_ids=[device.index] if device.type == 'cuda' else None) if world > 1 else net
 
-    run_dir = Path(args.resume).parent if args.resume else out_dir(args)
+    run_dir = Path(args.resume).parent if args.resume else out_dir(args) if rank == 0 else None
+    if world > 1:  # rank 0 names the folder: the others would number theirs on their own
+        shared = [run_dir]
+        dist.broadcast_object_list(shared, src=0)
+        run_dir = shared[0]
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         if ckpt is not None and (run_dir / 'log.jsonl').exists():
@@ -261,7 +315,7 @@ def train(args):
         (run_dir / 'config.json').write_text(json.dumps({**vars(args), 'model': vars(model.cfg)}, indent=2) + '\n')
         say(f'{args.dataset}: {len(train_set)} train / {len(test_set)} test images, {num_classes} classes; '
             f'{args.backbone} {args.method} keep {args.keep} clc={args.clc} cla={args.cla} on {device} '
-            f'x{world}; writing to {run_dir}')
+            f'x{world}, precision {args.amp} ({how}), compile {args.compile}; writing to {run_dir}')
 
     # 3. the loop: train an epoch, evaluate, log, checkpoint
     metrics = {}
@@ -270,8 +324,8 @@ def train(args):
         for group in optimizer.param_groups:
             group['lr'] = lr
         # the randomness of an epoch depends on (seed, epoch) only, so a resumed run takes the same path
-        torch.manual_seed(args.seed + epoch)
-        loader_gen.manual_seed(args.seed + epoch)
+        torch.manual_seed(epoch_seed(args.seed, epoch, rank))
+        loader_gen.manual_seed(epoch_seed(args.seed, epoch, rank))
         sampler.set_epoch(epoch)
         net.train()
         seen, loss_sum, correct, t0 = 0, 0.0, 0, time.perf_counter()

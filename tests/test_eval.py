@@ -25,7 +25,7 @@ def official_checkpoint(path, keep=0.25):
 
 def test_an_official_checkpoint_is_evaluated_with_its_own_settings(tmp_path, capsys):
     sd = official_checkpoint(tmp_path / 'clca.pth')
-    evaluation.main(['--checkpoint', str(tmp_path / 'clca.pth'), '--dataset', 'leaves', '--workers', '0'])
+    evaluation.main(['--checkpoint', str(tmp_path / 'clca.pth'), '--dataset', 'leaves', '--workers', '0', '--amp', 'off'])
     out = capsys.readouterr().out
     assert 'evit keep (0.25,) loc (3, 6, 9) clc=True cla=True at 32 px' in out
     reported = float(re.search(r'top-1 ([\d.]+)%', out).group(1))
@@ -102,8 +102,46 @@ def test_visualize_writes_a_png_grid(tmp_path):
 
 def test_evaluate_counts_top1_and_top5():
     class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))  # evaluate feeds images in the weights' dtype
+
         def forward(self, x):
             return torch.tensor([[9., 8, 7, 6, 5, 4], [0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]]), None
     loader = [(torch.zeros(3), torch.tensor([0, 0, 4]))]
     res = train.evaluate(Fixed(), loader, torch.device('cpu'), dict(device_type='cpu', enabled=False))
     assert res['top1'] == pytest.approx(100 / 3) and res['top5'] == pytest.approx(200 / 3)
+
+
+def test_sweep_compiles_every_row_afresh(capsys, monkeypatch):
+    graphs, per_row, real_speed = [], [], evaluation.speed
+
+    def counting_backend(gm, example_inputs):  # dynamo hands each graph it captured to the backend
+        graphs.append(gm)
+        return gm.forward
+
+    def timed(*a, **k):
+        before = len(graphs)
+        result = real_speed(*a, **k)
+        per_row.append(len(graphs) - before)
+        return result
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, 'compile', lambda model: real_compile(model, backend=counting_backend))
+    monkeypatch.setattr(evaluation, 'speed', timed)
+    monkeypatch.setattr(torch._dynamo.config, 'recompile_limit', 2)  # without a reset, row 3 on would run eager
+    evaluation.main(['--sweep', '--compile', '--methods', 'none', 'evit', '--keeps', '0.5', '--backbone',
+                     'vit_tiny_patch8_224', '--img-size', '32', '--batch-size', '2', '--loc', '1'])
+    assert len(per_row) == 4 and all(n > 0 for n in per_row), per_row
+
+
+def test_inference_casts_the_model_once_to_the_chosen_precision(tmp_path, capsys, monkeypatch):
+    official_checkpoint(tmp_path / 'clca.pth')
+    seen, real = [], evaluation.evaluate
+    monkeypatch.setattr(evaluation, 'evaluate', lambda model, *a: seen.append(next(model.parameters()).dtype)
+                        or real(model, *a))
+    for amp in ('bf16', 'off'):
+        evaluation.main(['--checkpoint', str(tmp_path / 'clca.pth'), '--dataset', 'leaves', '--amp', amp,
+                         '--batch-size', '100'])
+    assert seen == [torch.bfloat16, torch.float32]
+    bf16, fp32 = (float(x) for x in re.findall(r'top-1 ([\d.]+)%', capsys.readouterr().out))
+    assert abs(bf16 - fp32) <= 2.0  # 500 test images: a few predictions may flip at bf16's 8 mantissa bits

@@ -1,3 +1,4 @@
+import argparse
 import json
 import math
 import os
@@ -149,7 +150,7 @@ def test_ddp_with_two_cpu_processes_matches_a_single_process_evaluation(tmp_path
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.count('epoch   1/1') == 1  # only rank 0 talks
     logged = read_log(tmp_path)[0]
-    evaluation.main(['--checkpoint', str(tmp_path / 'last.pt'), '--workers', '0', '--batch-size', '64'])
+    evaluation.main(['--checkpoint', str(tmp_path / 'last.pt'), '--workers', '0', '--batch-size', '64', '--amp', 'off'])
     single = capsys.readouterr().out
     assert f"top-1 {logged['top1']:.2f}%" in single  # both processes' halves of the test set, summed
 
@@ -158,3 +159,107 @@ def test_ddp_with_two_cpu_processes_matches_a_single_process_evaluation(tmp_path
 def test_compiled_training_smoke(tmp_path):
     metrics = train.main(FAST + ['--epochs', '2', '--compile', '--out', str(tmp_path)])
     assert math.isfinite(metrics['train_loss'])
+
+
+def machine_flags(**given):
+    return argparse.Namespace(**{'amp': None, 'compile': None, 'workers': None, 'method': 'evit', **given})
+
+
+@pytest.mark.parametrize('amx,avx512_bf16,expected', [(True, False, 'bf16'), (False, True, 'bf16'),
+                                                      (False, False, 'off')])
+def test_precision_on_a_cpu_follows_its_bf16_units(monkeypatch, amx, avx512_bf16, expected):
+    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: amx)
+    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: avx512_bf16)
+    args = machine_flags()
+    train.runtime_defaults(args, torch.device('cpu'))  # inference
+    assert (args.amp, args.compile, args.workers) == (expected, False, 0)
+    for width, amp in ((768, expected), (192, 'off')):  # training: bf16 only pays on wide enough matrices
+        args = machine_flags()
+        train.runtime_defaults(args, torch.device('cpu'), train_width=width)
+        assert args.amp == amp
+    for forced in ('off', 'fp16', 'bf16'):  # a given --amp wins over the hardware
+        args = machine_flags(amp=forced)
+        train.runtime_defaults(args, torch.device('cpu'))
+        assert args.amp == forced
+
+
+@pytest.mark.parametrize('native,method,expected', [(True, 'evit', ('bf16', True)), (False, 'evit', ('fp16', True)),
+                                                    (True, 'ats', ('bf16', False))])
+def test_precision_and_compile_on_a_gpu(monkeypatch, native, method, expected):
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: native or including_emulation)
+    args = machine_flags(method=method)
+    train.runtime_defaults(args, torch.device('cuda', 0))
+    assert (args.amp, args.compile) == expected and args.workers >= 1
+    args = machine_flags()
+    train.runtime_defaults(args, torch.device('mps'))
+    assert (args.amp, args.compile, args.workers) == ('off', False, 0)
+
+
+@pytest.mark.parametrize('cuda,mps,expected', [(True, True, 'cuda'), (False, True, 'mps'), (False, False, 'cpu')])
+def test_device_auto_takes_cuda_then_mps_then_the_cpu(monkeypatch, cuda, mps, expected):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: mps)
+    assert train.pick_device('auto').type == expected
+    assert train.pick_device('cpu').type == 'cpu'
+    if not mps:
+        with pytest.raises(SystemExit):
+            train.parse_args(['--device', 'mps'])
+
+
+def test_bf16_training_on_a_cpu_is_finite_resumes_exactly_and_keeps_its_precision(tmp_path, monkeypatch, capsys):
+    args = FAST + ['--epochs', '2', '--amp', 'bf16', '--method', 'none', '--no-clc', '--warmup-epochs', '0',
+                   '--batch-size', '25']
+    train.main(args + ['--out', str(tmp_path / 'straight')])
+    losses = [m['train_loss'] for m in read_log(tmp_path / 'straight')]
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+    real_save = train.save_checkpoint
+
+    def crash_after_saving(model, path, **state):
+        real_save(model, path, **state)
+        if state['epoch'] == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train, 'save_checkpoint', crash_after_saving)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args + ['--out', str(tmp_path / 'resumed')])
+    monkeypatch.setattr(train, 'save_checkpoint', real_save)
+    capsys.readouterr()
+    train.main(['--resume', str(tmp_path / 'resumed' / 'last.pt'), '--workers', '0', '--no-compile', '--device', 'cpu'])
+    assert 'precision bf16 (saved)' in capsys.readouterr().out  # not this machine's default
+    a, b = (torch.load(tmp_path / run / 'last.pt', weights_only=True) for run in ('straight', 'resumed'))
+    assert b['args']['amp'] == 'bf16' and all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+
+
+def _record_crops(rank, world, port, out, queue):
+    """One torchrun-like process: train one epoch on 100 leaves and report the random crops it drew."""
+    if world > 1:
+        os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1',
+                          MASTER_PORT=str(port))
+    import torchvision.transforms as T
+    import data
+    data.Leaves.per_class = {'train': 10, 'test': 2}
+    crops, real = [], T.RandomCrop.get_params
+    T.RandomCrop.get_params = staticmethod(lambda *a: crops.append(real(*a)) or crops[-1])
+    train.main(FAST + ['--epochs', '1', '--amp', 'off', '--out', str(out)])
+    queue.put((rank, crops))
+
+
+def test_each_rank_draws_its_own_augmentations_and_rank_0_those_of_one_process(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context('spawn')
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_record_crops, args=(r, 2, port, tmp_path / 'ddp', queue)) for r in range(2)]
+    procs.append(ctx.Process(target=_record_crops, args=(0, 1, port, tmp_path / 'one', queue)))
+    for p in procs[:2]:
+        p.start()
+    got = dict(queue.get(timeout=300) for _ in range(2))
+    procs[2].start()
+    single = queue.get(timeout=300)[1]
+    for p in procs:
+        p.join()
+    assert len(got[0]) == len(got[1]) == 50  # 100 images: 2 steps of 25 per rank
+    assert got[0] != got[1]                   # image k of each rank's batch gets its own crop
+    assert got[0][:25] == single[:25]         # rank 0 draws what a single process draws
