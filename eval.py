@@ -3,17 +3,20 @@
     python eval.py --checkpoint runs/leaves/last.pt             # top-1 / top-5 on the test split
     python eval.py --checkpoint clca.pth --dataset soyageing    # a checkpoint of the paper's code
     python eval.py --cost --method evit --keep 0.1 --clc --cla  # params, GMACs, images/s, peak memory
-    python eval.py --sweep --methods none evit topk --keeps 0.1 0.5 0.7   # cost table (accuracy with --checkpoints)
+    python eval.py --sweep --methods none evit topk --keeps 0.1 0.5 0.7   # cost table
+    python eval.py --sweep --checkpoints runs/*/last.pt --plot acc.svg    # accuracy over seeds, and a plot
     python eval.py --checkpoint runs/leaves/last.pt --visualize kept.png  # which patches survive
 
 The file reads top-down: the flags, how a model and its data are found, the four modes, then `main`.
 """
 import argparse
 import itertools
+import json
 import resource
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -38,7 +41,9 @@ def parse_args(argv=None):
     a('--sweep', action='store_true', help='one table over --methods x --keeps (or over --checkpoints)')
     a('--methods', nargs='+', choices=METHODS, default=['none', 'evit', 'topk'])
     a('--keeps', type=float, nargs='+', default=[0.1, 0.25, 0.5, 0.7])
-    a('--checkpoints', nargs='+', help='sweep rows from checkpoints, with their accuracy')
+    a('--checkpoints', nargs='+', help='sweep rows from checkpoints, with their accuracy; checkpoints of runs '
+      'that differ only in the seed share a row (mean, std, count)')
+    a('--plot', metavar='SVG', help='with --sweep --checkpoints: also draw top-1 against GMACs')
     a('--visualize', metavar='PNG', help='write a grid of the patches that survive each reduction')
     # model flags: they describe the model when no checkpoint does, and override a checkpoint's settings
     add_model_flags(p)
@@ -146,25 +151,92 @@ def cost(model, args, device) -> dict:
     return dict(params_M=params, GMACs=macs, images_per_s=ips, peak_MiB=peak)
 
 
-def sweep(args, device):
-    """One markdown table: a row per checkpoint (with its accuracy), or per method x keep x CLCA."""
+# what a checkpoint's saved args may differ in and still be a repeat of the same run
+NOT_THE_RUN = {'seed', 'out', 'resume', 'workers', 'compile', 'device', 'data_dir', 'output_dir'}
+
+
+def run_key(cfg, raw) -> str:
+    """The run a checkpoint comes from, but for its seed and the machine: equal keys are repeats."""
+    saved = raw.get('args') if isinstance(raw, dict) else None
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved if isinstance(saved, dict) else {}
+    recipe = {k: v for k, v in saved.items() if k not in NOT_THE_RUN}
+    return json.dumps([asdict(cfg), recipe], sort_keys=True, default=str)
+
+
+def mean_std(values) -> tuple:
+    """(mean, sample standard deviation; 0 for a single value)."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def sweep(args, device) -> list:
+    """One markdown table: a row per method x keep x CLCA, or per run of --checkpoints, where
+    checkpoints that differ only in their seed (or the machine) share a row: top-1 as mean +- std over
+    them, and their count. Returns the rows (for --plot)."""
+    groups = {}  # run key -> (the model of its first checkpoint, top-1 of each checkpoint)
     if args.checkpoints:
-        rows = [(checkpoint, {}) for checkpoint in args.checkpoints]
+        for checkpoint in args.checkpoints:
+            model, raw = build(args, checkpoint)
+            top1 = accuracy(model, eval_split(args, model, raw), args, device)['top1']
+            groups.setdefault(run_key(model.cfg, raw), (model, []))[1].append(top1)
     else:
-        rows = []
         for method, keep, clca in itertools.product(args.methods, args.keeps, (False, True)):
             if method != 'none' or keep == args.keeps[0]:  # 'none' ignores the rate: one row each
-                rows.append((None, dict(method=method, keep=[keep], clc=clca, cla=clca)))
-    print('| method | keep | CLCA | tokens per stage | GMACs | images/s | top-1 |\n|---|---|---|---|---|---|---|')
-    for checkpoint, flags in rows:
-        model, raw = build(argparse.Namespace(**{**vars(args), **flags}), checkpoint)
-        top1 = '-'
-        if checkpoint:
-            top1 = f"{accuracy(model, eval_split(args, model, raw), args, device)['top1']:.1f}"
+                flags = dict(method=method, keep=[keep], clc=clca, cla=clca)
+                groups[len(groups)] = (build(argparse.Namespace(**{**vars(args), **flags}))[0], [])
+    print('| method | keep | CLC | CLA | tokens per stage | GMACs | images/s | top-1 | seeds |\n'
+          '|---|---|---|---|---|---|---|---|---|')
+    rows = []
+    for model, tops in groups.values():
         c, cfg = cost(model, args, device), model.cfg
         keep = '/'.join(f'{k:g}' for k in cfg.keep) if cfg.method != 'none' else '1'
-        print(f"| {cfg.method} | {keep} | {'on' if cfg.clc and cfg.cla else 'off'} | {tokens_per_stage(cfg)} "
-              f"| {c['GMACs']:.3f} | {c['images_per_s']:.1f} | {top1} |", flush=True)
+        top1 = '-' if not tops else '%.1f' % tops[0] if len(tops) == 1 else '%.1f ± %.1f' % mean_std(tops)
+        print(f"| {cfg.method} | {keep} | {'on' if cfg.clc else 'off'} | {'on' if cfg.cla else 'off'} "
+              f"| {tokens_per_stage(cfg)} | {c['GMACs']:.3f} | {c['images_per_s']:.1f} | {top1} | {len(tops) or '-'} |",
+              flush=True)
+        rows.append(dict(method=cfg.method, keep=keep, clc=cfg.clc, cla=cfg.cla, gmacs=c['GMACs'], top1=tops))
+    return rows
+
+
+def plot(rows, path):
+    """Top-1 against GMACs as an SVG (no plotting library): a colour per method, a marker per CLC/CLA
+    setting (hollow: neither), the keep rate beside each point, error bars of one standard deviation."""
+    W, H, L, B, R = 640, 420, 60, 50, 150  # canvas; left, bottom and right (legend) margins, in pixels
+    stats = [mean_std(r['top1']) for r in rows]
+    x0, x1 = min(r['gmacs'] for r in rows), max(r['gmacs'] for r in rows)
+    y0, y1 = min(m - s for m, s in stats) - 2, max(m + s for m, s in stats) + 2
+    x0, x1 = x0 - 0.05 * (x1 - x0 or 1), x1 + 0.05 * (x1 - x0 or 1)
+    px = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)
+    py = lambda y: H - B - (y - y0) / (y1 - y0) * (H - B - 20)
+    colours = dict(zip(METHODS, ['#444444', '#1f77b4', '#17becf', '#ff7f0e', '#2ca02c', '#9467bd', '#8c564b',
+                                 '#e377c2', '#d62728']))
+    shapes = {(False, False): ('base', [(-5, -5), (5, -5), (5, 5), (-5, 5)]),
+              (True, True): ('CLCA', [(-5, -5), (5, -5), (5, 5), (-5, 5)]),
+              (True, False): ('CLC only', [(0, -6), (6, 5), (-6, 5)]),
+              (False, True): ('CLA only', [(0, -6), (6, 0), (0, 6), (-6, 0)])}
+    marker = lambda key, x, y, colour: (
+        f'<polygon points="{" ".join(f"{x + a:.1f},{y + b:.1f}" for a, b in shapes[key][1])}" '
+        f'fill="{"white" if key == (False, False) else colour}" stroke="{colour}" stroke-width="2"/>')
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
+           f'font-size="12"><rect width="{W}" height="{H}" fill="white"/>',
+           f'<path d="M{L},20 V{H - B} H{W - R}" fill="none" stroke="black"/>',
+           f'<text x="{(L + W - R) / 2}" y="{H - 12}" text-anchor="middle">GMACs per image</text>',
+           f'<text transform="translate(16,{(H - B) / 2}) rotate(-90)" text-anchor="middle">test top-1 (%)</text>']
+    for i in range(6):  # axis ticks
+        x, y = x0 + i * (x1 - x0) / 5, y0 + i * (y1 - y0) / 5
+        out += [f'<text x="{px(x):.1f}" y="{H - B + 16}" text-anchor="middle">{x:.3f}</text>',
+                f'<text x="{L - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.0f}</text>']
+    for r, (m, s) in zip(rows, stats):
+        x, colour = px(r['gmacs']), colours[r['method']]
+        out += [f'<line x1="{x:.1f}" y1="{py(m - s):.1f}" x2="{x:.1f}" y2="{py(m + s):.1f}" stroke="{colour}"/>',
+                marker((r['clc'], r['cla']), x, py(m), colour),
+                f'<text x="{x + 8:.1f}" y="{py(m) - 6:.1f}" fill="{colour}">{r["keep"]}</text>']
+    legend = [(m, colours[m], None) for m in dict.fromkeys(r['method'] for r in rows)]
+    legend += [(shapes[k][0], '#444444', k) for k in dict.fromkeys((r['clc'], r['cla']) for r in rows)]
+    for i, (label, colour, key) in enumerate(legend):
+        x, y = W - R + 20, 30 + 20 * i
+        out += [marker(key, x, y, colour) if key else f'<rect x="{x - 6}" y="{y - 2}" width="12" height="4" '
+                f'fill="{colour}"/>', f'<text x="{x + 14}" y="{y + 4}">{label}</text>']
+    Path(path).write_text('\n'.join(out + ['</svg>']) + '\n')
 
 
 def visualize(model, dataset, path, device, num_images=8):
@@ -196,8 +268,14 @@ def main(argv=None):
     args.batch_size = args.batch_size or (32 if device.type == 'cuda' else 4)
     runtime_defaults(args, device)
     try:
+        if args.plot and not (args.sweep and args.checkpoints and args.plot.endswith('.svg')):
+            raise ValueError('--plot FILE.svg goes with --sweep --checkpoints')
         if args.sweep:
-            return sweep(args, device)
+            rows = sweep(args, device)
+            if args.plot:
+                plot(rows, args.plot)
+                print(f'wrote {args.plot}')
+            return rows
         if not (args.checkpoint or args.cost):
             raise ValueError('give --checkpoint to evaluate, or --cost / --sweep to measure a model from flags')
         model, raw = build(args, args.checkpoint)

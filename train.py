@@ -122,6 +122,8 @@ def parse_args(argv=None):
     a('--cooldown-epochs', type=int, help='epochs at --min-lr after the cosine (paper: 5)')
     a('--batch-size', type=int, help='global batch size, split over the processes (paper: 32)')
     a('--lr', type=float, help='peak learning rate of AdamW (paper: 1e-4)')
+    a('--schedule', choices=('epoch', 'step'), default='epoch', help="when the rate changes: once per epoch, "
+      "as the paper's timm scheduler, or at every step (a smoother warm-up for short from-scratch runs)")
     a('--min-lr', type=float, help='cosine floor and cool-down rate (default lr / 10)')
     a('--warmup-lr', type=float, help='warm-up start (default lr / 100)')
     a('--weight-decay', type=float, default=0.05, help='on weights with 2 or more dims only')
@@ -174,9 +176,10 @@ def parse_args(argv=None):
     return args
 
 
-def lr_at(epoch: int, args) -> float:
-    """Per-epoch schedule of the paper: (1) linear warm-up from warmup_lr, (2) cosine from lr down to
-    min_lr, (3) cool-down epochs at min_lr (timm's cosine scheduler with t_in_epochs)."""
+def lr_at(epoch: float, args) -> float:
+    """The paper's schedule at (fractional) epoch `epoch`: (1) linear warm-up from warmup_lr, (2) cosine
+    from lr down to min_lr, (3) cool-down epochs at min_lr (timm's cosine scheduler; --schedule epoch
+    calls it with whole epochs, as the paper's t_in_epochs does)."""
     if epoch < args.warmup_epochs:
         return args.warmup_lr + epoch * (args.lr - args.warmup_lr) / args.warmup_epochs
     cosine = args.epochs - args.cooldown_epochs
@@ -257,6 +260,7 @@ def train(args):
             raise CheckpointError(f'{args.resume} was not written by train.py: --resume continues its own runs only')
         # the saved recipe, and the saved precision unless --amp is given (it changes the trajectory);
         # compile, workers and device are this machine's
+        ckpt['args'].setdefault('schedule', 'epoch')  # runs saved before --schedule existed
         machine = dict(amp=args.amp or ckpt['args']['amp'], compile=args.compile, workers=args.workers,
                        device=args.device, resume=args.resume)
         args = argparse.Namespace(**{**ckpt['args'], **machine})
@@ -320,9 +324,6 @@ def train(args):
     # 3. the loop: train an epoch, evaluate, log, checkpoint
     metrics = {}
     for epoch in range(start, args.epochs):
-        lr = lr_at(epoch, args)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
         # the randomness of an epoch depends on (seed, epoch) only, so a resumed run takes the same path
         torch.manual_seed(epoch_seed(args.seed, epoch, rank))
         loader_gen.manual_seed(epoch_seed(args.seed, epoch, rank))
@@ -331,7 +332,10 @@ def train(args):
         seen, loss_sum, correct, t0 = 0, 0.0, 0, time.perf_counter()
         kept = f'the last good checkpoint is {run_dir / "last.pt"}' if epoch else 'no checkpoint was written'
         bar = tqdm(train_loader, desc=f'epoch {epoch + 1}/{args.epochs}', leave=False, disable=rank != 0)
-        for images, labels in bar:
+        for step, (images, labels) in enumerate(bar):
+            lr = lr_at(epoch + (step / len(train_loader) if args.schedule == 'step' else 0), args)
+            for group in optimizer.param_groups:
+                group['lr'] = lr
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.autocast(**amp):
                 logits, loss = net(images, labels)  # cross-entropy plus any loss the reduction adds

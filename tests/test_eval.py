@@ -1,5 +1,6 @@
 import argparse
 import re
+from xml.etree import ElementTree
 
 import pytest
 import torch
@@ -76,7 +77,7 @@ def test_sweep_prints_one_row_per_method_keep_and_clca(capsys):
                      '--backbone', 'vit_tiny_patch8_224', '--img-size', '64', '--batch-size', '2'])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| ') and '---' not in line][1:]
     assert len(rows) == 2 + 2 * 2 * 2  # none (off/on) + evit and topk x 2 keeps x (off/on)
-    gm = {tuple(c.strip() for c in r.split('|')[1:4]): float(r.split('|')[5]) for r in rows}
+    gm = {tuple(c.strip() for c in r.split('|')[1:4]): float(r.split('|')[6]) for r in rows}  # method keep CLC
     assert gm[('evit', '0.25', 'off')] < gm[('evit', '0.5', 'off')] < gm[('none', '1', 'off')]
     assert gm[('topk', '0.25', 'off')] < gm[('evit', '0.25', 'off')] < gm[('evit', '0.25', 'on')]
 
@@ -88,7 +89,7 @@ def test_sweep_over_checkpoints_adds_their_accuracy(tmp_path, capsys):
                      '--dataset', 'leaves', '--batch-size', '100', '--workers', '0'])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| evit')]
     assert [r.split('|')[2].strip() for r in rows] == ['0.25', '0.5']
-    assert all(re.fullmatch(r'\d+\.\d', r.split('|')[7].strip()) for r in rows)
+    assert all(re.fullmatch(r'\d+\.\d', r.split('|')[8].strip()) for r in rows)
 
 
 def test_visualize_writes_a_png_grid(tmp_path):
@@ -145,3 +146,38 @@ def test_inference_casts_the_model_once_to_the_chosen_precision(tmp_path, capsys
     assert seen == [torch.bfloat16, torch.float32]
     bf16, fp32 = (float(x) for x in re.findall(r'top-1 ([\d.]+)%', capsys.readouterr().out))
     assert abs(bf16 - fp32) <= 2.0  # 500 test images: a few predictions may flip at bf16's 8 mantissa bits
+
+
+def seeded_checkpoints(tmp_path, runs):
+    """train.py-style checkpoints of ViT-Tiny/8 at 32 px: one per (name, keep, lr, seed) in `runs`."""
+    from weights import save_checkpoint
+    paths = []
+    for name, keep, lr, seed in runs:
+        model = create_model('vit_tiny_patch8_224', 10, img_size=32, method='evit', keep=keep, clc=True, cla=True)
+        save_checkpoint(model, tmp_path / f'{name}.pt', epoch=1, args=dict(dataset='leaves', lr=lr, seed=seed,
+                                                                            out=str(tmp_path / name)))
+        paths.append(str(tmp_path / f'{name}.pt'))
+    return paths
+
+
+def test_sweep_groups_checkpoints_that_differ_only_in_seed_and_plots_them(tmp_path, capsys, monkeypatch):
+    paths = seeded_checkpoints(tmp_path, [('a1', 0.25, 1e-3, 1), ('b', 0.5, 1e-3, 1), ('a2', 0.25, 1e-3, 2),
+                                          ('a3', 0.25, 1e-3, 3), ('c', 0.25, 5e-4, 1)])
+    top1 = dict(zip(paths, [80.0, 50.0, 82.0, 87.0, 60.0]))
+    seen = iter(paths)  # the sweep evaluates the checkpoints in the order given
+    monkeypatch.setattr(evaluation, 'accuracy', lambda *a: {'top1': top1[next(seen)]})
+    evaluation.main(['--sweep', '--checkpoints', *paths, '--batch-size', '2', '--plot', str(tmp_path / 'acc.svg')])
+    rows = [[c.strip() for c in line.split('|')[1:-1]] for line in capsys.readouterr().out.splitlines()
+            if line.startswith('| evit')]
+    assert [(r[1], r[7], r[8]) for r in rows] == [('0.25', '83.0 ± 3.6', '3'), ('0.5', '50.0', '1'),
+                                                  ('0.25', '60.0', '1')]  # another lr is another run
+    svg = ElementTree.parse(tmp_path / 'acc.svg').getroot()  # well-formed XML
+    ns = '{http://www.w3.org/2000/svg}'
+    assert svg.tag == ns + 'svg'
+    assert len(list(svg.iter(ns + 'line'))) == 3     # one error bar per row
+    assert len(list(svg.iter(ns + 'polygon'))) == 3 + 1  # a marker per row, and the legend's CLCA marker
+
+
+def test_plot_needs_a_sweep_over_checkpoints(tmp_path):
+    with pytest.raises(SystemExit, match='--plot FILE.svg goes with --sweep --checkpoints'):
+        evaluation.main(['--sweep', '--plot', str(tmp_path / 'x.svg')])

@@ -263,3 +263,12 @@ def test_each_rank_draws_its_own_augmentations_and_rank_0_those_of_one_process(t
     assert len(got[0]) == len(got[1]) == 50  # 100 images: 2 steps of 25 per rank
     assert got[0] != got[1]                   # image k of each rank's batch gets its own crop
     assert got[0][:25] == single[:25]         # rank 0 draws what a single process draws
+
+
+def test_the_schedule_can_follow_steps_within_an_epoch(tmp_path, monkeypatch):
+    rates, real = [], train.lr_at
+    monkeypatch.setattr(train, 'lr_at', lambda t, args: rates.append(t) or real(t, args))
+    train.main(FAST + ['--epochs', '2', '--schedule', 'step', '--out', str(tmp_path)])
+    assert rates[:3] == [0, 1 / 20, 2 / 20] and rates[-1] == 1 + 19 / 20  # 1000 images: 20 steps of 50
+    args = train.parse_args(['--epochs', '4', '--warmup-epochs', '2', '--cooldown-epochs', '0', '--lr', '1e-3'])
+    assert real(0.5, args) == pytest.approx(args.warmup_lr + 0.25 * (1e-3 - args.warmup_lr))  # mid warm-up
