@@ -281,7 +281,8 @@ def main(argv=None):
         model, raw = build(args, args.checkpoint)
         cfg = model.cfg
         print(f'{cfg.method} keep {cfg.keep} loc {cfg.loc} '
-              f'clc={cfg.clc} cla={cfg.cla} at {cfg.img_size} px; tokens per stage {tokens_per_stage(cfg)}')
+              f'clc={cfg.clc} cla={cfg.cla} at {cfg.img_size} px; tokens per stage {tokens_per_stage(cfg)}; '
+              f'precision {args.amp} on {device.type}')
         if args.cost:
             c = cost(model, args, device)
             print(f"{c['params_M']:.2f} M parameters, {c['GMACs']:.3f} GMACs, {c['images_per_s']:.2f} images/s "
