@@ -93,8 +93,8 @@ def eval_split(args, model, raw):
 
 def for_inference(model, amp: str, device):
     """The model in eval mode on `device`, cast once to the --amp precision. Inference keeps no fp32 master
-    weights, so autocast's re-casting of every weight on every forward is waste (13 % of a bf16 forward
-    on a CPU); the inputs follow the weights' dtype (`evaluate`, `speed`)."""
+    weights, so autocast's re-casting of every weight on every forward is waste (casting once runs ViT-B/16
+    14 % faster on an AMX CPU); the inputs follow the weights' dtype (`evaluate`, `speed`)."""
     return model.to(device, {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(amp, torch.float32)).eval()
 
 

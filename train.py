@@ -324,7 +324,7 @@ def train(args):
     # 3. the loop: train an epoch, evaluate, log, checkpoint
     metrics = {}
     for epoch in range(start, args.epochs):
-        # the randomness of an epoch depends on (seed, epoch) only, so a resumed run takes the same path
+        # the randomness of an epoch depends on (seed, epoch, rank) only, so a resumed run takes the same path
         torch.manual_seed(epoch_seed(args.seed, epoch, rank))
         loader_gen.manual_seed(epoch_seed(args.seed, epoch, rank))
         sampler.set_epoch(epoch)
