@@ -5,6 +5,9 @@
 - `leaves`: an embedded, procedurally generated dataset of leaf "cultivars" that differ only in a
   few small coloured spots, so that it needs no download and still shows what the paper is about:
   the class lives in a handful of patches, and a reduction that drops them loses it.
+- `leaf-species`: the same generator labelled by leaf outline instead, with spots that mean nothing.
+  It stands in for ImageNet: the demo fine-tunes a ViT pre-trained on it, whose early attention
+  has learnt to look at the outline, not at the cultivars' spots, as an ImageNet ViT's has.
 """
 import csv
 import math
@@ -22,7 +25,7 @@ from model import IMAGENET_MEAN, IMAGENET_STD
 # name: (classes, image folder of the official CSV layout); the UFG benchmark's five leaf datasets
 UFG = {'cotton': (80, 'cotton_square_new'), 'soylocal': (200, 'soybean200_square'),
        'soygene': (1110, 'images'), 'soyglobal': (1938, 'soybean2000'), 'soyageing': (198, '.')}
-DATASETS = ('leaves', 'folder') + tuple(UFG)
+DATASETS = ('leaves', 'leaf-species', 'folder') + tuple(UFG)
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
 
 
@@ -113,8 +116,8 @@ def build_dataset(name: str, split: str, img_size: int, data_dir=None, mean=None
     `augment` is None (no augmentation) or one of AUGMENTATIONS (see `transforms`)."""
     mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
     tf = transforms(img_size, augment, mean, std)
-    if name == 'leaves':
-        ds = Leaves(split, img_size, tf)
+    if name in ('leaves', 'leaf-species'):
+        ds = Leaves(split, img_size, tf, task='species' if name == 'leaf-species' else 'cultivar')
         return ds, ds.num_classes
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
@@ -143,18 +146,22 @@ PALETTE = torch.tensor([[0.98, 0.86, 0.15], [0.85, 0.12, 0.10], [0.97, 0.97, 0.9
 
 
 class Leaves(Dataset):
-    """Procedural leaf "cultivars": one leaf shape for all classes, in a random pose, shade and
-    background; a class is a signature of 1-3 small spots (their colour, and whether they sit in the
-    stalk or the tip half), plus 0-2 dark blight specks as distractors. A spot is about 1/30 of the image wide, so
-    the class lives in a few patches. Deterministic: image i of a split depends only on (seed, split, i).
+    """Procedural leaves in a random pose, shade and background, with 1-3 small coloured spots (each
+    about 1/8 of the image wide, half an 8-px patch at 32 px) and 0-2 dark blight specks as distractors.
+
+    task 'cultivar' (`leaves`): one leaf outline for all classes; a class is the spots' signature (their
+    colour, and whether they sit in the stalk or the tip half), so it lives in a few patches.
+    task 'species' (`leaf-species`): a class is the leaf's outline (5 lengths x 2 widths); the spots'
+    signature is drawn at random, so they carry no label.
+    Deterministic: image i of a split depends only on (seed, task, split, i).
     """
 
     per_class = {'train': 400, 'test': 100}  # images per class and split
     cache_bytes = 2**30  # keep a split's rendered images in memory when they fit in this
 
-    def __init__(self, split, img_size, transform, num_classes=10, seed=0):
+    def __init__(self, split, img_size, transform, num_classes=10, seed=0, task='cultivar'):
         per_class = self.per_class[split]
-        self.split, self.size, self.transform = split, int(img_size / 0.875), transform
+        self.split, self.size, self.transform, self.task = split, int(img_size / 0.875), transform, task
         self.num_classes, self.seed, self.n = num_classes, seed, num_classes * per_class
         combos = [(c, r) for c in range(len(PALETTE)) for r in (0, 1)]
         if num_classes > len(combos):
@@ -169,21 +176,34 @@ class Leaves(Dataset):
     def __getitem__(self, i):
         label = i % self.num_classes
         img = self.rendered.get(i)
-        if img is None:  # an image is the same every epoch: draw it once (80 MB for the demo's 5,000)
-            img = render_leaf(self.signatures[label], self.size, f'{self.seed}/{self.split}/{i}')
+        if img is None:  # an image is the same every epoch: draw it once (20 MB for the demo's 5,000)
+            img = self.render(i)[0]
             if self.n * img.numel() <= self.cache_bytes:
                 self.rendered[i] = img
         return self.transform(to_pil_image(img)), label
 
+    def render(self, i):
+        """Image i as `render_leaf` draws it (before the transform): (image, evidence)."""
+        key, label = f'{self.seed}/{self.split}/{i}', i % self.num_classes
+        if self.task == 'cultivar':
+            return render_leaf(self.signatures[label], self.size, key)
+        g = torch.Generator().manual_seed(zlib.crc32(f'spots/{key}'.encode()))
+        signature = (int(torch.randint(len(PALETTE), (), generator=g)), int(torch.randint(2, (), generator=g)))
+        return render_leaf(signature, self.size, 'species/' + key, outline=(0.5 + 0.1 * (label % 5), 0.2 + 0.2 * (label >= 5)))
 
-def render_leaf(signature, size, key: str):
-    """A (3, size, size) uint8 image of a leaf with 1-3 spots of the `signature` = (colour, half)."""
+
+def render_leaf(signature, size, key: str, outline=None):
+    """A (3, size, size) uint8 image of a leaf with 1-3 spots of the `signature` = (colour, half), and
+    the (size, size) share of each pixel that the signature's spots cover (the class evidence).
+    `outline` = (length, width) replaces the cultivars' shared outline (leaf-species)."""
     g = torch.Generator().manual_seed(zlib.crc32(key.encode()))  # CPU generators keep 32 bits of a seed
     u = lambda lo, hi, n=(): lo + (hi - lo) * torch.rand(n, generator=g)
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing='ij')
     # pose: rotate the image grid into leaf coordinates a (along the midrib) and b (across it)
     theta, cx, cy = u(-0.45, 0.45), u(-0.08, 0.08), u(-0.08, 0.08)
     length, width = u(0.78, 0.9), u(0.28, 0.36)
+    if outline is not None:
+        length, width = outline[0] + u(-0.03, 0.03), outline[1] + u(-0.03, 0.03)
     a = (xx - cx) * torch.sin(theta) - (yy - cy) * torch.cos(theta)  # tip points up, tilted by theta
     b = (xx - cx) * torch.cos(theta) + (yy - cy) * torch.sin(theta)
     s = (a + length) / (2 * length)                                  # 0 at the stalk, 1 at the tip
@@ -201,13 +221,15 @@ def render_leaf(signature, size, key: str):
     # spots: the cultivar's (colour, count, half) plus 0-2 dark blight specks
     colour, tip = signature
     count, blight = int(u(1, 4)), int(u(0, 3))
+    evidence = torch.zeros(size, size)
     for j in range(count + blight):
         lo = (0.55 if tip else 0.15) if j < count else 0.1
         sj = u(lo, lo + (0.3 if j < count else 0.8))
         bj = u(-0.6, 0.6) * width * math.sin(math.pi * sj) ** 0.8
         dist = ((s - sj) * 2 * length) ** 2 + (b - bj) ** 2
-        spot = ((0.035 - dist.sqrt()) / edge + 0.5).clamp(0, 1) * leaf
+        spot = ((0.12 - dist.sqrt()) / edge + 0.5).clamp(0, 1) * leaf
+        evidence = torch.maximum(evidence, spot) if j < count else evidence * (1 - spot)  # blight hides a spot
         rgb = PALETTE[colour] if j < count else torch.tensor([0.25, 0.18, 0.08])
         img = img * (1 - spot) + rgb[:, None, None] * spot
     img = img + 0.03 * torch.randn(img.shape, generator=g)
-    return (img.clamp(0, 1) * 255).to(torch.uint8)
+    return (img.clamp(0, 1) * 255).to(torch.uint8), evidence
