@@ -141,13 +141,14 @@ def build_dataset(name: str, split: str, img_size: int, data_dir=None, mean=None
 # ---------------------------------------------------------------------------------------------
 # The embedded dataset: synthetic leaf cultivars
 
+SPOT_RADIUS = 0.12  # in the generator's [-1, 1] image coordinates: a spot is 12 % of the image wide
 PALETTE = torch.tensor([[0.98, 0.86, 0.15], [0.85, 0.12, 0.10], [0.97, 0.97, 0.95],
                         [0.55, 0.20, 0.70], [0.98, 0.50, 0.05]])  # spot colours: yellow, red, white, purple, orange
 
 
 class Leaves(Dataset):
     """Procedural leaves in a random pose, shade and background, with 1-3 small coloured spots (each
-    about 1/8 of the image wide, half an 8-px patch at 32 px) and 0-2 dark blight specks as distractors.
+    12 % of the image wide, half an 8-px patch at 32 px) and 0-2 dark blight specks as distractors.
 
     task 'cultivar' (`leaves`): one leaf outline for all classes; a class is the spots' signature (their
     colour, and whether they sit in the stalk or the tip half), so it lives in a few patches.
@@ -162,6 +163,7 @@ class Leaves(Dataset):
     def __init__(self, split, img_size, transform, num_classes=10, seed=0, task='cultivar'):
         per_class = self.per_class[split]
         self.split, self.size, self.transform, self.task = split, int(img_size / 0.875), transform, task
+        self.img_size = img_size
         self.num_classes, self.seed, self.n = num_classes, seed, num_classes * per_class
         combos = [(c, r) for c in range(len(PALETTE)) for r in (0, 1)]
         if num_classes > len(combos):
@@ -181,6 +183,15 @@ class Leaves(Dataset):
             if self.n * img.numel() <= self.cache_bytes:
                 self.rendered[i] = img
         return self.transform(to_pil_image(img)), label
+
+    def evidence(self, i, patch: int) -> torch.Tensor:
+        """(P,) bool, patches in row-major order: where the class evidence of image i lies after the test
+        transform (the centre crop), i.e. the patches that hold at least a fifth of a signature spot.
+        For leaf-species these are the spots too, though there they carry no label."""
+        cover = T.functional.center_crop(self.render(i)[1][None], [self.img_size])[0]  # (S, S) in [0, 1]
+        side = self.img_size // patch
+        cells = cover[:side * patch, :side * patch].reshape(side, patch, side, patch).sum((1, 3))  # (side, side)
+        return cells.flatten() >= 0.2 * math.pi * (SPOT_RADIUS * self.size / 2) ** 2
 
     def render(self, i):
         """Image i as `render_leaf` draws it (before the transform): (image, evidence)."""
@@ -227,7 +238,7 @@ def render_leaf(signature, size, key: str, outline=None):
         sj = u(lo, lo + (0.3 if j < count else 0.8))
         bj = u(-0.6, 0.6) * width * math.sin(math.pi * sj) ** 0.8
         dist = ((s - sj) * 2 * length) ** 2 + (b - bj) ** 2
-        spot = ((0.12 - dist.sqrt()) / edge + 0.5).clamp(0, 1) * leaf
+        spot = ((SPOT_RADIUS - dist.sqrt()) / edge + 0.5).clamp(0, 1) * leaf
         evidence = torch.maximum(evidence, spot) if j < count else evidence * (1 - spot)  # blight hides a spot
         rgb = PALETTE[colour] if j < count else torch.tensor([0.25, 0.18, 0.08])
         img = img * (1 - spot) + rgb[:, None, None] * spot

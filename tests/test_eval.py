@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
+from torchvision.transforms.functional import pil_to_tensor
 
 import eval as evaluation
 import train
@@ -98,7 +99,10 @@ def test_visualize_writes_a_png_grid(tmp_path):
                      '--visualize', str(tmp_path / 'kept.png')])
     png = Image.open(tmp_path / 'kept.png')
     assert png.format == 'PNG'
-    assert png.size == (4 * (32 + 2) + 2, 8 * (32 + 2) + 2)  # columns: image + 3 locations; 8 images
+    # columns: image + 3 locations; 6 images; 32 px scaled up 4x so that an 8-px patch is 32 screen pixels
+    assert png.size == (4 * (128 + 2) + 2, 6 * (128 + 2) + 2)
+    pixels = pil_to_tensor(png.convert('RGB'))  # (3, H, W)
+    assert (pixels == torch.tensor([0, 255, 255]).view(3, 1, 1)).all(0).sum() > 100  # the evidence outlines, in cyan
 
 
 def test_evaluate_counts_top1_and_top5():

@@ -16,7 +16,7 @@ from model import ModelConfig, ViT
 
 ROOT = Path(__file__).resolve().parents[1]
 # a tiny, fast version of the embedded preset: 32 px leaves, 16 patches of 8 px
-FAST = ['--img-size', '32', '--batch-size', '50', '--workers', '0', '--warmup-epochs', '1', '--cooldown-epochs', '0']
+FAST = ['--pretrained', 'none', '--img-size', '32', '--batch-size', '50', '--workers', '0', '--warmup-epochs', '1', '--cooldown-epochs', '0']
 
 
 pytestmark = pytest.mark.usefixtures('small_leaves')
