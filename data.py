@@ -200,7 +200,8 @@ class Leaves(Dataset):
             return render_leaf(self.signatures[label], self.size, key)
         g = torch.Generator().manual_seed(zlib.crc32(f'spots/{key}'.encode()))
         signature = (int(torch.randint(len(PALETTE), (), generator=g)), int(torch.randint(2, (), generator=g)))
-        return render_leaf(signature, self.size, 'species/' + key, outline=(0.5 + 0.1 * (label % 5), 0.2 + 0.2 * (label >= 5)))
+        outline = (0.5 + 0.1 * (label % 5), 0.2 + 0.2 * (label >= 5))  # (length, width): 5 x 2 species
+        return render_leaf(signature, self.size, 'species/' + key, outline=outline)
 
 
 def render_leaf(signature, size, key: str, outline=None):

@@ -15,10 +15,12 @@ import json
 import resource
 import statistics
 import time
+from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
@@ -242,17 +244,23 @@ def plot(rows, path):
     Path(path).write_text('\n'.join(out + ['</svg>']) + '\n')
 
 
+def run_with_hooks(model, images, hooks):
+    """Run `model` on `images` in eval mode without gradients, then remove `hooks`, the handles of the
+    hooks the caller registered to record what it needs."""
+    try:
+        with torch.no_grad():
+            return model.eval()(images)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def alive_patches(model, images) -> list:
     """Run `model` on `images` (B, 3, S, S); per reduction location, (B, P) bool: the patches that still
     have a token of their own (a made token, idx -1, belongs to no patch; ToMe's merged token to its B partner)."""
     kept = []
-    hooks = [model.blocks[i].register_forward_hook(lambda m, a, out: kept.append(out.idx.cpu())) for i in model.cfg.loc]
-    try:
-        with torch.no_grad():
-            model.eval()(images)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_hooks(model, images, [model.blocks[i].register_forward_hook(lambda m, a, out: kept.append(out.idx.cpu()))
+                                   for i in model.cfg.loc])
     # idx (B, N): positions in [CLS, patches], 0 = CLS, -1 = made; both land in column 0, which is cut off
     return [torch.zeros(len(images), 1 + model.num_patches).scatter_(1, idx.clamp(min=0), 1.0)[:, 1:].bool()
             for idx in kept]
@@ -294,8 +302,8 @@ def visualize(model, dataset, path, device, num_images=6, scale=4):
     rows = [plain] + [plain * (0.25 + 0.75 * up(alive.float())) for alive in kept]
     if hasattr(dataset, 'evidence'):
         inside = up(torch.stack([dataset.evidence(i, p) for i in range(len(images))]).float())  # (B, 1, H, W)
-        edge = inside - torch.nn.functional.max_pool2d(-inside, 3, 1, 1).neg()  # 1 on the rim of each patch group
-        edge = edge.clamp(0, 1) + (torch.nn.functional.max_pool2d(inside, 3, 1, 1) - inside)  # both sides of it
+        grown, shrunk = F.max_pool2d(inside, 3, 1, 1), -F.max_pool2d(-inside, 3, 1, 1)  # dilated, eroded by 1 px
+        edge = grown - shrunk  # 1 on both sides of each evidence region's border
         cyan = torch.tensor([0.0, 1.0, 1.0]).view(1, 3, 1, 1)
         rows = [r * (1 - edge) + cyan * edge for r in rows]
     grid = torch.stack(rows, 1).flatten(0, 1)  # image-major: original, loc 1, loc 2, ...
@@ -309,7 +317,7 @@ def trace(model, image) -> list:
     tokens a reduction makes (EViT's fused token, ToMe's merged tokens, pooled clusters)."""
     side, made = model.cfg.img_size // model.cfg.patch_size, {'evit': 'fused', 'tome': 'merged'}.get(model.cfg.method, 'pooled')
     kinds = ['CLS'] + ['patch'] * model.num_patches + ['CLR'] * model.num_clr  # one per token, in order
-    rows, hooks = [], []
+    rows = []
 
     def enter(i):
         def hook(module, args):
@@ -318,7 +326,7 @@ def trace(model, image) -> list:
                 kinds.extend(['cache'] * appended)
                 rows[-1][3].append(f'then the cache recovers {appended}')
             alive = [divmod(j - 1, side) for j in t.idx[0].tolist() if j > 0]
-            rows.append([i, {k: kinds.count(k) for k in dict.fromkeys(kinds)}, alive, []])
+            rows.append([i, Counter(kinds), alive, []])
         return hook
 
     def reduced(module, args, out):
@@ -334,17 +342,10 @@ def trace(model, image) -> list:
                 new.append(kinds[same[0].item()] if len(same) else made)
         kinds[:] = new
         rows[-1][3].append(f'{model.cfg.method} leaves {len(new)}: ' +
-                           ', '.join(f'{n} {k}' for k, n in {k: new.count(k) for k in dict.fromkeys(new)}.items()))
+                           ', '.join(f'{n} {k}' for k, n in Counter(new).items()))
 
-    for i, blk in enumerate(model.blocks):
-        hooks.append(blk.register_forward_pre_hook(enter(i)))
-    hooks += [r.register_forward_hook(reduced) for r in model.reducers]
-    try:
-        with torch.no_grad():
-            model.eval()(image)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_hooks(model, image, [blk.register_forward_pre_hook(enter(i)) for i, blk in enumerate(model.blocks)]
+                   + [r.register_forward_hook(reduced) for r in model.reducers])
     for row in rows:
         if model.cfg.cla and row[0] in model.cla_layers:
             row[3].append('the CLA head reads its CLS output')

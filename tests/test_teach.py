@@ -111,7 +111,9 @@ def test_the_demo_fine_tunes_a_backbone_it_pretrains_once(tmp_path, monkeypatch,
     backbone = tmp_path / 'runs' / 'leaf-species-vit_tiny_patch8_224-32px' / 'last.pt'
     saved = torch.load(backbone, weights_only=True)
     assert saved['epoch'] == saved['args']['epochs'] == 2 and saved['args']['method'] == 'none'
-    assert 'pre-training the demo backbone' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert 'pre-training the demo backbone' in out
+    assert f'loaded 148 tensors from {backbone.relative_to(tmp_path)}' in out  # the fine-tuning starts from it
     stamp = backbone.stat().st_mtime_ns
     second = train.main(flags + ['--out', 'b'])
     assert backbone.stat().st_mtime_ns == stamp and 'pre-training' not in capsys.readouterr().out  # reused
