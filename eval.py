@@ -369,6 +369,8 @@ def main(argv=None):
         if not (args.checkpoint or args.cost or args.recall or args.trace is not None):
             raise ValueError('give --checkpoint to evaluate, or --cost / --sweep / --recall / --trace to measure '
                              'a model from flags')
+        if args.trace is not None:
+            args.amp = 'off'  # the trace compares token rows for equality: keep them exact, in fp32
         model, raw = build(args, args.checkpoint)
         cfg = model.cfg
         print(f'{cfg.method} keep {cfg.keep} loc {cfg.loc} '
@@ -385,7 +387,7 @@ def main(argv=None):
                 print(f'after block {s}: evidence recall {hit:.3f}, chance {chance:.3f}')
         elif args.trace is not None:
             image = eval_split(args, model, raw)[args.trace][0][None]
-            rows = trace(model.to(device).float(), image.to(device))
+            rows = trace(model.to(device), image.to(device))
             kinds = list(dict.fromkeys(k for row in rows for k in row[1]))
             print('block  in  ' + ' '.join(f'{k:>6}' for k in kinds) + '  patches with a token')
             for i, counts, alive, notes in rows:
