@@ -1,11 +1,10 @@
-"""Evaluate, measure and look at CLCA models.
+"""Evaluate and measure CLCA models (explain.py looks inside them).
 
     python eval.py --checkpoint runs/leaves/last.pt             # top-1 / top-5 on the test split
     python eval.py --checkpoint clca.pth --dataset soyageing    # a checkpoint of the paper's code
     python eval.py --cost --method evit --keep 0.1 --clc --cla  # params, GMACs, images/s, peak memory
     python eval.py --sweep --methods none evit topk --keeps 0.1 0.5 0.7   # cost table
     python eval.py --sweep --checkpoints runs/*/last.pt --plot acc.svg    # accuracy over seeds, and a plot
-    python eval.py --checkpoint runs/leaves/last.pt --visualize kept.png  # which patches survive
 
 The file reads top-down: the flags, how a model and its data are found, the four modes, then `main`.
 """
@@ -15,14 +14,11 @@ import json
 import resource
 import statistics
 import time
-from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from torchvision.utils import make_grid, save_image
 
 from data import DATASETS, DatasetError, build_dataset
 from model import ViT, backbone_config, gmacs
@@ -33,7 +29,7 @@ from weights import CheckpointError, load_weights, model_config, num_classes_in,
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description='Evaluate, measure and visualize CLCA models.')
+    p = argparse.ArgumentParser(description='Evaluate and measure CLCA models.')
     a = p.add_argument
     a('--checkpoint', help="a checkpoint of train.py or of the paper's code")
     a('--dataset', choices=DATASETS, help="dataset (default: the checkpoint's, else leaves)")
@@ -46,10 +42,6 @@ def parse_args(argv=None):
     a('--checkpoints', nargs='+', help='sweep rows from checkpoints, with their accuracy; checkpoints of runs '
       'that differ only in the seed share a row (mean, std, count)')
     a('--plot', metavar='SVG', help='with --sweep --checkpoints: also draw top-1 against GMACs')
-    a('--visualize', metavar='PNG', help='write a grid of the patches that survive each reduction')
-    a('--recall', action='store_true', help='leaves: the share of evidence patches that keep a token of their '
-      'own after each reduction, against chance')
-    a('--trace', type=int, metavar='I', help='print, block by block, what the sequence of test image I holds')
     # model flags: they describe the model when no checkpoint does, and override a checkpoint's settings
     add_model_flags(p)
     a('--num-classes', type=int)
@@ -244,114 +236,6 @@ def plot(rows, path):
     Path(path).write_text('\n'.join(out + ['</svg>']) + '\n')
 
 
-def run_with_hooks(model, images, hooks):
-    """Run `model` on `images` in eval mode without gradients, then remove `hooks`, the handles of the
-    hooks the caller registered to record what it needs."""
-    try:
-        with torch.no_grad():
-            return model.eval()(images)
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-def alive_patches(model, images) -> list:
-    """Run `model` on `images` (B, 3, S, S); per reduction location, (B, P) bool: the patches that still
-    have a token of their own (a made token, idx -1, belongs to no patch; ToMe's merged token to its B partner)."""
-    kept = []
-    run_with_hooks(model, images, [model.blocks[i].register_forward_hook(lambda m, a, out: kept.append(out.idx.cpu()))
-                                   for i in model.cfg.loc])
-    # idx (B, N): positions in [CLS, patches], 0 = CLS, -1 = made; both land in column 0, which is cut off
-    return [torch.zeros(len(images), 1 + model.num_patches).scatter_(1, idx.clamp(min=0), 1.0)[:, 1:].bool()
-            for idx in kept]
-
-
-def evidence_recall(model, dataset, device, batch: int = 100) -> list:
-    """Per reduction location, (recall, chance): the share of evidence patches (`Leaves.evidence`) that still
-    have a token of their own, and the share of all patches that do, which is what a choice of the same
-    number of patches made blind to the evidence would reach on average."""
-    if not hasattr(dataset, 'evidence'):
-        raise ValueError('--recall needs the generator\'s evidence masks: use --dataset leaves')
-    dtype, p = next(model.parameters()).dtype, model.cfg.patch_size
-    hits, alive, total = torch.zeros(len(model.cfg.loc)), torch.zeros(len(model.cfg.loc)), 0
-    for start in range(0, len(dataset), batch):
-        ids = range(start, min(start + batch, len(dataset)))
-        images = torch.stack([dataset[i][0] for i in ids]).to(device, dtype)
-        evidence = torch.stack([dataset.evidence(i, p) for i in ids])  # (B, P)
-        for s, kept in enumerate(alive_patches(model, images)):
-            hits[s] += (kept & evidence).sum()
-            alive[s] += kept.float().mean(1).sum()
-        total += int(evidence.sum())
-    return [(hits[s].item() / max(total, 1), alive[s].item() / len(dataset)) for s in range(len(hits))]
-
-
-def visualize(model, dataset, path, device, num_images=6, scale=4):
-    """A PNG grid: per row one test image, then the image after each reduction location with the
-    patches that no longer have a token of their own dimmed. Small images are scaled up `scale` times
-    (nearest neighbour, so patches stay sharp); on leaves the evidence patches are outlined in cyan."""
-    images = torch.stack([dataset[i][0] for i in range(min(num_images, len(dataset)))])
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (dataset.transform.transforms[-1].mean,
-                                                            dataset.transform.transforms[-1].std))
-    plain = (images * std + mean).clamp(0, 1)
-    side, p = model.cfg.img_size // model.cfg.patch_size, model.cfg.patch_size
-    if model.cfg.img_size >= 128:
-        scale = 1
-    up = lambda m: m.view(-1, 1, side, side).repeat_interleave(p * scale, 2).repeat_interleave(p * scale, 3)
-    plain = plain.repeat_interleave(scale, 2).repeat_interleave(scale, 3)  # (B, 3, S*scale, S*scale)
-    kept = alive_patches(model, images.to(device, next(model.parameters()).dtype))
-    rows = [plain] + [plain * (0.25 + 0.75 * up(alive.float())) for alive in kept]
-    if hasattr(dataset, 'evidence'):
-        inside = up(torch.stack([dataset.evidence(i, p) for i in range(len(images))]).float())  # (B, 1, H, W)
-        grown, shrunk = F.max_pool2d(inside, 3, 1, 1), -F.max_pool2d(-inside, 3, 1, 1)  # dilated, eroded by 1 px
-        edge = grown - shrunk  # 1 on both sides of each evidence region's border
-        cyan = torch.tensor([0.0, 1.0, 1.0]).view(1, 3, 1, 1)
-        rows = [r * (1 - edge) + cyan * edge for r in rows]
-    grid = torch.stack(rows, 1).flatten(0, 1)  # image-major: original, loc 1, loc 2, ...
-    save_image(make_grid(grid, nrow=len(rows), padding=2, pad_value=1.0), path)
-
-
-def trace(model, image) -> list:
-    """CLCA Sec. 2.2, token by token: run one image (1, 3, S, S) and return, per block, what its sequence
-    holds on the way in: (block, {kind: count}, [alive patches as (row, col)], what happens in the block).
-    Kinds: CLS, patch, CLR (the carriers), cache (entries recovered from the cross-layer cache), and the
-    tokens a reduction makes (EViT's fused token, ToMe's merged tokens, pooled clusters)."""
-    side, made = model.cfg.img_size // model.cfg.patch_size, {'evit': 'fused', 'tome': 'merged'}.get(model.cfg.method, 'pooled')
-    kinds = ['CLS'] + ['patch'] * model.num_patches + ['CLR'] * model.num_clr  # one per token, in order
-    rows = []
-
-    def enter(i):
-        def hook(module, args):
-            t, appended = args[0], args[0].x.shape[1] - len(kinds)
-            if appended:  # a recovery after the previous block appended cache entries
-                kinds.extend(['cache'] * appended)
-                rows[-1][3].append(f'then the cache recovers {appended}')
-            alive = [divmod(j - 1, side) for j in t.idx[0].tolist() if j > 0]
-            rows.append([i, Counter(kinds), alive, []])
-        return hook
-
-    def reduced(module, args, out):
-        before, new = args[0], []
-        for r in range(out.x.shape[1]):
-            j, size = out.idx[0, r].item(), 1 if out.size is None else out.size[0, r].item()
-            if out.valid is not None and not out.valid[0, r]:
-                new.append('padding')
-            elif j >= 0:
-                new.append('CLS' if j == 0 else 'patch' if size == 1 else 'merged')
-            else:  # a selected made token is an exact copy of an input row; anything else is new here
-                same = (before.x[0] == out.x[0, r]).all(-1).nonzero()
-                new.append(kinds[same[0].item()] if len(same) else made)
-        kinds[:] = new
-        rows[-1][3].append(f'{model.cfg.method} leaves {len(new)}: ' +
-                           ', '.join(f'{n} {k}' for k, n in Counter(new).items()))
-
-    run_with_hooks(model, image, [blk.register_forward_pre_hook(enter(i)) for i, blk in enumerate(model.blocks)]
-                   + [r.register_forward_hook(reduced) for r in model.reducers])
-    for row in rows:
-        if model.cfg.cla and row[0] in model.cla_layers:
-            row[3].append('the CLA head reads its CLS output')
-    return rows
-
-
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
@@ -366,11 +250,8 @@ def main(argv=None):
                 plot(rows, args.plot)
                 print(f'wrote {args.plot}')
             return rows
-        if not (args.checkpoint or args.cost or args.recall or args.trace is not None):
-            raise ValueError('give --checkpoint to evaluate, or --cost / --sweep / --recall / --trace to measure '
-                             'a model from flags')
-        if args.trace is not None:
-            args.amp = 'off'  # the trace compares token rows for equality: keep them exact, in fp32
+        if not (args.checkpoint or args.cost):
+            raise ValueError('give --checkpoint to evaluate, or --cost / --sweep to measure a model from flags')
         model, raw = build(args, args.checkpoint)
         cfg = model.cfg
         print(f'{cfg.method} keep {cfg.keep} loc {cfg.loc} '
@@ -381,22 +262,6 @@ def main(argv=None):
             print(f"{c['params_M']:.2f} M parameters, {c['GMACs']:.3f} GMACs, {c['images_per_s']:.2f} images/s "
                   f"(batch {args.batch_size}, {device.type}, amp {args.amp}), peak memory {c['peak_MiB']:.0f} MiB"
                   + (' (process RSS)' if device.type == 'cpu' else ''))
-        elif args.recall:
-            model = for_inference(model, args.amp, device)
-            for s, (hit, chance) in zip(cfg.loc, evidence_recall(model, eval_split(args, model, raw), device)):
-                print(f'after block {s}: evidence recall {hit:.3f}, chance {chance:.3f}')
-        elif args.trace is not None:
-            image = eval_split(args, model, raw)[args.trace][0][None]
-            rows = trace(model.to(device), image.to(device))
-            kinds = list(dict.fromkeys(k for row in rows for k in row[1]))
-            print('block  in  ' + ' '.join(f'{k:>6}' for k in kinds) + '  patches with a token')
-            for i, counts, alive, notes in rows:
-                where = f'all {len(alive)}' if len(alive) == model.num_patches else ' '.join(map(str, alive)) or '-'
-                print(f'{i:5d} {sum(counts.values()):3d}  ' + ' '.join(f'{counts.get(k, 0):6d}' for k in kinds)
-                      + f'  {where}' + ''.join(f'; {n}' for n in notes))
-        elif args.visualize:
-            visualize(model.to(device), eval_split(args, model, raw), args.visualize, device)
-            print(f'wrote {args.visualize}')
         else:
             res = accuracy(model, eval_split(args, model, raw), args, device)
             print(f"{args.split} top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['test_loss']:.4f}")

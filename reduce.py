@@ -45,6 +45,7 @@ class Tokens:
                         # EViT's fused token) that DPC-KNN leaves alone
     valid: Optional[torch.Tensor] = None  # (B, N) bool, False on ATS's padding, else None
     loss: torch.Tensor | float = 0.0      # training loss the reductions add to the cross-entropy (DynamicViT's)
+    source: Optional[torch.Tensor] = None  # (B, N, 1 + P) bool, input tokens each token holds, if traced (explain.py)
 
     def select(self, index: torch.Tensor) -> 'Tokens':
         """Keep the tokens at `index` (B, K), in that order. The result has no protected suffix: a
@@ -52,17 +53,21 @@ class Tokens:
         x = self.x.gather(1, index.unsqueeze(-1).expand(-1, -1, self.x.shape[-1]))  # (B, K, D)
         size = None if self.size is None else self.size.gather(1, index.unsqueeze(-1))  # (B, K, 1)
         valid = None if self.valid is None else self.valid.gather(1, index)              # (B, K)
-        return replace(self, x=x, idx=self.idx.gather(1, index), size=size, valid=valid, protected=0)
+        source = None if self.source is None else self.source.gather(
+            1, index.unsqueeze(-1).expand(-1, -1, self.source.shape[-1]))                  # (B, K, 1 + P)
+        return replace(self, x=x, idx=self.idx.gather(1, index), size=size, valid=valid, protected=0, source=source)
 
-    def append(self, extra: torch.Tensor) -> 'Tokens':
+    def append(self, extra: torch.Tensor, source: Optional[torch.Tensor] = None) -> 'Tokens':
         """Append made tokens `extra` (B, M, D) at the end, into the protected suffix; each one is a
-        single token (size 1) and never padding."""
+        single token (size 1) and never padding, and holds the input tokens `source` (B, M, 1 + P), else none."""
         B, M, _ = extra.shape
+        source = None if self.source is None else torch.cat(  # (B, N + M, 1 + P)
+            [self.source, self.source.new_zeros(B, M, self.source.shape[-1]) if source is None else source], 1)
         size = None if self.size is None else torch.cat([self.size, self.size.new_ones(B, M, 1)], 1)
         valid = None if self.valid is None else F.pad(self.valid, (0, M), value=True)
         idx = torch.cat([self.idx, self.idx.new_full((B, M), -1)], 1)                  # (B, N + M)
         return replace(self, x=torch.cat([self.x, extra], 1), idx=idx, size=size, valid=valid,
-                       protected=self.protected + M)
+                       protected=self.protected + M, source=source)
 
     def attn_bias(self) -> Optional[torch.Tensor]:
         """Added to the attention logits, (B, 1, 1, N) or None: log(size), ToMe's proportional
@@ -122,7 +127,8 @@ def evit(t: Tokens, cls_attn: torch.Tensor, keep: float, fuse: bool = True) -> T
     if not fuse:
         return survivors
     dropped = score.scatter(1, top, 0.0).to(t.x.dtype)                        # (B, N-1) 0 where kept
-    return survivors.append(dropped.unsqueeze(1) @ t.x[:, 1:])                # fused: (B, 1, D)
+    held = None if t.source is None else (t.source[:, 1:] & (dropped > 0)[..., None]).any(1, keepdim=True)
+    return survivors.append(dropped.unsqueeze(1) @ t.x[:, 1:], held)          # fused: (B, 1, D)
 
 
 def tome(t: Tokens, metric: torch.Tensor, r: int) -> Tokens:
@@ -163,7 +169,8 @@ def tome(t: Tokens, metric: torch.Tensor, r: int) -> Tokens:
 
     new_size = merge(size)
     idx = torch.cat([t.idx[:, ::2].gather(1, unmerged), t.idx[:, 1::2]], 1)  # (B, N - r)
-    return replace(t, x=merge(t.x * size) / new_size, idx=idx, size=new_size, protected=0)
+    source = None if t.source is None else merge(t.source.float()) > 0     # a merged token holds both
+    return replace(t, x=merge(t.x * size) / new_size, idx=idx, size=new_size, protected=0, source=source)
 
 
 class Reducer(nn.Module):
@@ -258,7 +265,9 @@ class ATS(Reducer):
 def pooled(t: Tokens, merged: torch.Tensor) -> Tokens:
     """[CLS, merged tokens]: the output of the methods that pool every non-CLS token into K new ones."""
     idx = F.pad(t.idx[:, :1], (0, merged.shape[1]), value=-1)
-    return replace(t, x=torch.cat([t.x[:, :1], merged], 1), idx=idx, size=None, valid=None, protected=0)
+    source = None if t.source is None else torch.cat(  # soft weights: each pooled token holds a bit of every input
+        [t.source[:, :1], t.source[:, 1:].any(1, keepdim=True).expand(-1, merged.shape[1], -1)], 1)
+    return replace(t, x=torch.cat([t.x[:, :1], merged], 1), idx=idx, size=None, valid=None, protected=0, source=source)
 
 
 class PatchMerger(Reducer):
@@ -365,6 +374,10 @@ class DPCKNN(Reducer):
         weight = weight / total.gather(1, assign.unsqueeze(-1))                    # sums to 1 per cluster
         merged = x.new_zeros(B, K, D).scatter_add(1, assign.unsqueeze(-1).expand(-1, -1, D), x * weight)
         idx = torch.cat([t.idx[:, :1], t.idx[:, 1:end].gather(1, centres), t.idx[:, end:]], 1)
+        if t.source is not None:  # a cluster token holds its members
+            held = t.source[:, 1:end].float()                                      # (B, M, 1 + P)
+            held = held.new_zeros(B, K, held.shape[-1]).scatter_add(1, assign.unsqueeze(-1).expand_as(held), held)
+            t = replace(t, source=torch.cat([t.source[:, :1], held > 0, t.source[:, end:]], 1))
         return replace(t, x=torch.cat([t.x[:, :1], merged, t.x[:, end:]], 1), idx=idx)
 
 
@@ -385,8 +398,8 @@ class DecidedTokens(Tokens):
         out = super().select(index)
         return replace(out, decision=self.decision.gather(1, index.unsqueeze(-1)))     # (B, K, 1)
 
-    def append(self, extra: torch.Tensor) -> 'DecidedTokens':
-        out = super().append(extra)
+    def append(self, extra: torch.Tensor, source: Optional[torch.Tensor] = None) -> 'DecidedTokens':
+        out = super().append(extra, source)
         return replace(out, decision=F.pad(self.decision, (0, 0, 0, extra.shape[1]), value=self.later))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

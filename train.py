@@ -45,7 +45,7 @@ RESUME_FLAGS = ('--resume', '--amp', '--compile', '--no-compile', '--workers', '
 
 
 def add_model_flags(p):
-    """The flags that describe a model, shared by train.py and eval.py (all default to None: the
+    """The flags that describe a model, shared by train.py, eval.py and explain.py (all default to None: the
     caller fills what is not given, from a preset or from a checkpoint)."""
     a = p.add_argument
     a('--backbone', help=f"timm ViT name with pretrained tag (paper: {PAPER['backbone']})")

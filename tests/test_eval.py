@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.functional import pil_to_tensor
 
 import eval as evaluation
+import explain
 import train
 from conftest import official_file, official_weights
 from data import build_dataset
@@ -95,8 +96,8 @@ def test_sweep_over_checkpoints_adds_their_accuracy(tmp_path, capsys):
 
 def test_visualize_writes_a_png_grid(tmp_path):
     official_checkpoint(tmp_path / 'clca.pth')
-    evaluation.main(['--checkpoint', str(tmp_path / 'clca.pth'), '--dataset', 'leaves',
-                     '--visualize', str(tmp_path / 'kept.png')])
+    explain.main(['--checkpoint', str(tmp_path / 'clca.pth'), '--dataset', 'leaves',
+                  '--visualize', str(tmp_path / 'kept.png')])
     png = Image.open(tmp_path / 'kept.png')
     assert png.format == 'PNG'
     # columns: image + 3 locations; 6 images; 32 px scaled up 4x so that an 8-px patch is 32 screen pixels

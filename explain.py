@@ -1,0 +1,209 @@
+"""Look inside a CLCA model: which patches each reduction keeps, how much of the class evidence survives
+it, and what the token sequence holds block by block (CLCA Sec. 2.2, token by token).
+
+    python explain.py --checkpoint runs/leaves/last.pt --recall              # evidence kept, against chance
+    python explain.py --checkpoint runs/leaves/last.pt --trace 0             # test image 0, block by block
+    python explain.py --checkpoint runs/leaves/last.pt --visualize kept.png  # the patches that survive
+
+The evidence comes from the embedded leaves, whose generator knows where each image's class lives. A
+model is found as eval.py finds it: from a checkpoint, or from the model flags alone (random weights,
+drawn with --seed). Everything runs in fp32: the trace compares token rows for equality.
+"""
+import argparse
+from collections import Counter
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torchvision.utils import make_grid, save_image
+
+from data import DATASETS, DatasetError
+from eval import build, eval_split, tokens_per_stage
+from train import DEVICES, add_model_flags, exit_with, pick_device
+from weights import CheckpointError
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description='Look inside a CLCA model: recall of the class evidence, the token '
+                                'trace, the kept patches.')
+    a = p.add_argument
+    a('--checkpoint', help="a checkpoint of train.py or of the paper's code")
+    a('--dataset', choices=DATASETS, help="dataset (default: the checkpoint's, else leaves)")
+    a('--data-dir', help='dataset folder (default data/<dataset>)')
+    a('--split', choices=('train', 'test'), default='test')
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument('--recall', action='store_true', help='leaves: the share of evidence patches that keep '
+                      'a token of their own after each reduction, against chance, and the share merged with others')
+    what.add_argument('--trace', type=int, metavar='I', help='print, block by block, what the sequence of image I holds')
+    what.add_argument('--visualize', metavar='PNG', help='write a grid of the patches that survive each reduction')
+    # model flags: they describe the model when no checkpoint does, and override a checkpoint's settings
+    add_model_flags(p)
+    a('--num-classes', type=int)
+    a('--seed', type=int, default=0, help='the random weights of a model built without a checkpoint')
+    a('--device', choices=DEVICES, default='auto', help='auto: CUDA, else Apple MPS, else the CPU')
+    return p.parse_args(argv)
+
+
+def run_with_hooks(model, images, hooks):
+    """Run `model` on `images` in eval mode without gradients, then remove `hooks`, the handles of the
+    hooks the caller registered to record what it needs."""
+    try:
+        with torch.no_grad():
+            return model.eval()(images)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def alive_patches(model, images) -> list:
+    """Run `model` on `images` (B, 3, S, S); per reduction location, (B, P) bool: the patches that still
+    have a token of their own (a made token, idx -1, belongs to no patch; ToMe's merged token to its B partner)."""
+    kept = []
+    run_with_hooks(model, images, [model.blocks[i].register_forward_hook(lambda m, a, out: kept.append(out.idx.cpu()))
+                                   for i in model.cfg.loc])
+    # idx (B, N): positions in [CLS, patches], 0 = CLS, -1 = made; both land in column 0, which is cut off
+    return [torch.zeros(len(images), 1 + model.num_patches).scatter_(1, idx.clamp(min=0), 1.0)[:, 1:].bool()
+            for idx in kept]
+
+
+def held_patches(model, images) -> list:
+    """Run `model` on `images` (B, 3, S, S), tracing `Tokens.source`; per reduction location, (B, N, P) bool:
+    the patches each token after it holds (ATS's padding holds none)."""
+    held, P = [], model.num_patches
+
+    def start(module, args):  # block 0's input: CLS and each patch hold themselves, the CLR carriers nothing
+        t = args[0]
+        eye = torch.eye(t.x.shape[1], 1 + P, dtype=torch.bool, device=t.x.device)  # (N, 1 + P)
+        return (replace(t, source=eye.expand(len(t.x), -1, -1)),) + args[1:]
+
+    def record(module, args, t):
+        held.append(t.source[..., 1:].cpu() & (True if t.valid is None else t.valid[..., None].cpu()))
+    run_with_hooks(model, images, [model.blocks[0].register_forward_pre_hook(start)]
+                   + [model.blocks[i].register_forward_hook(record) for i in model.cfg.loc])
+    return held
+
+
+def evidence_recall(model, dataset, device, batch: int = 100) -> list:
+    """Per reduction location, (alone, mixed, chance) over the evidence patches (`Leaves.evidence`):
+    - alone: the share held by a token that holds no other patch but evidence (a kept patch, a ToMe merge of
+      two evidence patches);
+    - mixed: the share held only by tokens that mix it with non-evidence patches (EViT's fused token, ToMe's
+      and DPC-KNN's merges, every pooled token); the rest is gone;
+    - chance: the share of all patches held by a token of their own, which is what a selection of the same
+      number of patches made blind to the evidence would keep alone on average."""
+    if not hasattr(dataset, 'evidence'):
+        raise ValueError('--recall needs the generator\'s evidence masks: use --dataset leaves')
+    dtype, p = next(model.parameters()).dtype, model.cfg.patch_size
+    sums, total = torch.zeros(len(model.cfg.loc), 3), 0
+    for start in range(0, len(dataset), batch):
+        ids = range(start, min(start + batch, len(dataset)))
+        images = torch.stack([dataset[i][0] for i in ids]).to(device, dtype)
+        evidence = torch.stack([dataset.evidence(i, p) for i in ids])                    # (B, P)
+        for s, src in enumerate(held_patches(model, images)):                            # src (B, N, P)
+            mixing = (src & ~evidence[:, None]).any(-1)                                  # (B, N) holds non-evidence
+            alone = (src & (src.any(-1) & ~mixing)[..., None]).any(1) & evidence        # (B, P)
+            mixed = (src & mixing[..., None]).any(1) & evidence & ~alone
+            own = (src & (src.sum(-1) == 1)[..., None]).any(1)                           # (B, P)
+            sums[s] += torch.tensor([alone.sum(), mixed.sum(), own.float().mean(1).sum()])
+        total += int(evidence.sum())
+    return [(a / max(total, 1), m / max(total, 1), c / len(dataset)) for a, m, c in sums.tolist()]
+
+
+def visualize(model, dataset, path, device, num_images=6, scale=4):
+    """A PNG grid: per row one test image, then the image after each reduction location with the
+    patches that no longer have a token of their own dimmed. Small images are scaled up `scale` times
+    (nearest neighbour, so patches stay sharp); on leaves the evidence patches are outlined in cyan."""
+    images = torch.stack([dataset[i][0] for i in range(min(num_images, len(dataset)))])
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (dataset.transform.transforms[-1].mean,
+                                                            dataset.transform.transforms[-1].std))
+    plain = (images * std + mean).clamp(0, 1)
+    side, p = model.cfg.img_size // model.cfg.patch_size, model.cfg.patch_size
+    if model.cfg.img_size >= 128:
+        scale = 1
+    up = lambda m: m.view(-1, 1, side, side).repeat_interleave(p * scale, 2).repeat_interleave(p * scale, 3)
+    plain = plain.repeat_interleave(scale, 2).repeat_interleave(scale, 3)  # (B, 3, S*scale, S*scale)
+    kept = alive_patches(model, images.to(device, next(model.parameters()).dtype))
+    rows = [plain] + [plain * (0.25 + 0.75 * up(alive.float())) for alive in kept]
+    if hasattr(dataset, 'evidence'):
+        inside = up(torch.stack([dataset.evidence(i, p) for i in range(len(images))]).float())  # (B, 1, H, W)
+        grown, shrunk = F.max_pool2d(inside, 3, 1, 1), -F.max_pool2d(-inside, 3, 1, 1)  # dilated, eroded by 1 px
+        edge = grown - shrunk  # 1 on both sides of each evidence region's border
+        cyan = torch.tensor([0.0, 1.0, 1.0]).view(1, 3, 1, 1)
+        rows = [r * (1 - edge) + cyan * edge for r in rows]
+    grid = torch.stack(rows, 1).flatten(0, 1)  # image-major: original, loc 1, loc 2, ...
+    save_image(make_grid(grid, nrow=len(rows), padding=2, pad_value=1.0), path)
+
+
+def trace(model, image) -> list:
+    """CLCA Sec. 2.2, token by token: run one image (1, 3, S, S) and return, per block, what its sequence
+    holds on the way in: (block, {kind: count}, [alive patches as (row, col)], what happens in the block).
+    Kinds: CLS, patch, CLR (the carriers), cache (entries recovered from the cross-layer cache), and the
+    tokens a reduction makes (EViT's fused token, ToMe's merged tokens, pooled clusters)."""
+    side, made = model.cfg.img_size // model.cfg.patch_size, {'evit': 'fused', 'tome': 'merged'}.get(model.cfg.method, 'pooled')
+    kinds = ['CLS'] + ['patch'] * model.num_patches + ['CLR'] * model.num_clr  # one per token, in order
+    rows = []
+
+    def enter(i):
+        def hook(module, args):
+            t, appended = args[0], args[0].x.shape[1] - len(kinds)
+            if appended:  # a recovery after the previous block appended cache entries
+                kinds.extend(['cache'] * appended)
+                rows[-1][3].append(f'then the cache recovers {appended}')
+            alive = [divmod(j - 1, side) for j in t.idx[0].tolist() if j > 0]
+            rows.append([i, Counter(kinds), alive, []])
+        return hook
+
+    def reduced(module, args, out):
+        before, new = args[0], []
+        for r in range(out.x.shape[1]):
+            j, size = out.idx[0, r].item(), 1 if out.size is None else out.size[0, r].item()
+            if out.valid is not None and not out.valid[0, r]:
+                new.append('padding')
+            elif j >= 0:
+                new.append('CLS' if j == 0 else 'patch' if size == 1 else 'merged')
+            else:  # a selected made token is an exact copy of an input row; anything else is new here
+                same = (before.x[0] == out.x[0, r]).all(-1).nonzero()
+                new.append(kinds[same[0].item()] if len(same) else made)
+        kinds[:] = new
+        rows[-1][3].append(f'{model.cfg.method} leaves {len(new)}: ' +
+                           ', '.join(f'{n} {k}' for k, n in Counter(new).items()))
+
+    run_with_hooks(model, image, [blk.register_forward_pre_hook(enter(i)) for i, blk in enumerate(model.blocks)]
+                   + [r.register_forward_hook(reduced) for r in model.reducers])
+    for row in rows:
+        if model.cfg.cla and row[0] in model.cla_layers:
+            row[3].append('the CLA head reads its CLS output')
+    return rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)  # a model built from flags alone: the same random weights for the same seed
+    try:
+        model, raw = build(args, args.checkpoint)
+        model, cfg = model.to(device).eval(), model.cfg
+        print(f'{cfg.method} keep {cfg.keep} loc {cfg.loc} clc={cfg.clc} cla={cfg.cla} at {cfg.img_size} px; '
+              f'tokens per stage {tokens_per_stage(cfg)}; fp32 on {device.type}')
+        dataset = eval_split(args, model, raw)
+        if args.recall:
+            for s, (alone, mixed, chance) in zip(cfg.loc, evidence_recall(model, dataset, device)):
+                print(f'after block {s}: evidence recall {alone:.3f} (chance {chance:.3f}), '
+                      f'merged with other patches {mixed:.3f}')
+        elif args.trace is not None:
+            rows = trace(model, dataset[args.trace][0][None].to(device))
+            kinds = list(dict.fromkeys(k for row in rows for k in row[1]))
+            print('block  in  ' + ' '.join(f'{k:>6}' for k in kinds) + '  patches with a token')
+            for i, counts, alive, notes in rows:
+                where = f'all {len(alive)}' if len(alive) == model.num_patches else ' '.join(map(str, alive)) or '-'
+                print(f'{i:5d} {sum(counts.values()):3d}  ' + ' '.join(f'{counts.get(k, 0):6d}' for k in kinds)
+                      + f'  {where}' + ''.join(f'; {n}' for n in notes))
+        else:
+            visualize(model, dataset, args.visualize, device)
+            print(f'wrote {args.visualize}')
+    except (DatasetError, CheckpointError, ValueError) as e:
+        exit_with(e)
+
+
+if __name__ == '__main__':
+    main()
