@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data import DatasetError, Leaves, build_dataset, transforms
+from data import PALETTE, DatasetError, Leaves, build_dataset, transforms
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +97,21 @@ def test_the_embedded_leaves_are_deterministic_balanced_and_any_size():
     assert not torch.equal(a[7][0], Leaves('test', 48, tf)[7][0])
     assert not torch.equal(a[7][0], Leaves('train', 48, tf, seed=1)[7][0])
     assert Leaves('train', 100, transforms(100, 'weak', (0.5,) * 3, (0.5,) * 3))[0][0].shape == (3, 100, 100)
-    assert len(set(a.signatures)) == 10  # every class has its own spot signature
+
+
+def test_a_cultivar_is_a_leaf_length_and_a_spot_colour():
+    """Class c has spots of colour c // 5 (yellow, red) and a leaf of length class c % 5: over ten images
+    per class, a longer class covers more of the image at either colour."""
+    ds = Leaves('train', 48, transforms(48, None, (0.5,) * 3, (0.5,) * 3))
+    area = torch.zeros(10)
+    for i in range(100):
+        img, evidence = ds.render(i)                        # (3, S, S) uint8, (S, S) spot cover
+        img, c = img.float() / 255, i % 10
+        if (evidence > 0.99).any():                         # pixels fully inside a visible spot
+            assert (img[:, evidence > 0.99].mean(1) - PALETTE[c // 5]).abs().max() < 0.15
+        r, g, b = img
+        area[c] += ((r < 0.4) & (b < 0.4) & (g > r)).sum()  # leaf pixels: green, darker than any background
+    assert (area[1:5] > area[:4]).all() and (area[6:] > area[5:9]).all()
 
 
 def test_transforms_follow_the_paper():

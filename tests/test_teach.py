@@ -21,11 +21,8 @@ def test_evidence_masks_cover_the_rendered_spots(size):
     ds, _ = build_dataset('leaves', 'test', size)
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in (ds.transform.transforms[-1].mean, ds.transform.transforms[-1].std))
     spot_area = math.pi * (data.SPOT_RADIUS * ds.size / 2) ** 2
-    checked = 0
     for i in range(10):  # one image of each class
-        colour = ds.signatures[i % ds.num_classes][0]
-        if colour == 2:  # white spots can be mistaken for a pale background pixel: skip that class
-            continue
+        colour = (i % ds.num_classes) // 5  # yellow or red
         image = ds[i][0] * std + mean                                         # (3, S, S) in [0, 1]
         match = ((image - PALETTE[colour].view(3, 1, 1)).abs().amax(0) < 0.15).float()  # spot-coloured pixels
         per_patch = match.reshape(size // 8, 8, size // 8, 8).sum((1, 3)).flatten()  # (P,)
@@ -33,8 +30,6 @@ def test_evidence_masks_cover_the_rendered_spots(size):
         assert evidence.any()
         assert (per_patch[evidence] >= 1).all()                  # every evidence patch shows the spot colour
         assert evidence[per_patch >= 0.3 * spot_area].all()      # every patch with much spot colour is evidence
-        checked += 1
-    assert checked >= 6
 
 
 def test_recall_is_one_without_reduction():
@@ -130,7 +125,7 @@ def test_the_demo_fine_tunes_a_backbone_it_pretrains_once(tmp_path, monkeypatch,
     monkeypatch.setattr(data.Leaves, 'per_class', {'train': 10, 'test': 5})
     flags = ['--epochs', '1', '--batch-size', '20', '--warmup-epochs', '0', '--cooldown-epochs', '0', '--workers', '0']
     first = train.main(flags + ['--out', 'a'])
-    backbone = tmp_path / 'runs' / 'leaf-species-vit_tiny_patch8_224-32px' / 'last.pt'
+    backbone = tmp_path / 'runs' / 'leaf-species-vit_tiny_patch8_224-48px' / 'last.pt'
     saved = torch.load(backbone, weights_only=True)
     assert saved['epoch'] == saved['args']['epochs'] == 2 and saved['args']['method'] == 'none'
     out = capsys.readouterr().out
