@@ -160,7 +160,7 @@ class Leaves(Dataset):
     Deterministic: image i of a split depends only on (seed, task, split, i).
     """
 
-    per_class = {'train': 400, 'test': 100}  # images per class and split
+    per_class = {'train': 400, 'test': 300}  # images per class and split
     cache_bytes = 2**30  # keep a split's rendered images in memory when they fit in this
 
     num_classes = 10
