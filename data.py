@@ -148,28 +148,26 @@ PALETTE = torch.tensor([[0.98, 0.86, 0.15], [0.85, 0.12, 0.10], [0.97, 0.97, 0.9
 
 class Leaves(Dataset):
     """Procedural leaves in a random pose, shade and background, with 1-3 small coloured spots (each
-    12 % of the image wide, half an 8-px patch at 32 px) and 0-2 dark blight specks as distractors.
+    12 % of the image wide, four fifths of an 8-px patch at 48 px) and 0-2 dark blight specks as distractors.
 
-    task 'cultivar' (`leaves`): one leaf outline for all classes; a class is the spots' signature (their
-    colour, and whether they sit in the stalk or the tip half), so it lives in a few patches.
+    task 'cultivar' (`leaves`): a class is the leaf's length (5 lengths) and its spots' colour (yellow or
+    red); the leaf's width and the half the spots sit in (stalk or tip) are drawn at random. So a class
+    lives in two places, as a UFG cultivar's does: in the outline, spread over the whole leaf, and in
+    the few patches of its marks.
     task 'species' (`leaf-species`): a class is the leaf's outline (5 lengths x 2 widths); the spots'
     signature is drawn at random, so they carry no label.
+    Both: the class's length is 0.5 + 0.1 * (label % 5) (half the leaf's extent in [-1, 1] coordinates).
     Deterministic: image i of a split depends only on (seed, task, split, i).
     """
 
-    per_class = {'train': 400, 'test': 100}  # images per class and split
+    per_class = {'train': 400, 'test': 300}  # images per class and split
     cache_bytes = 2**30  # keep a split's rendered images in memory when they fit in this
 
-    def __init__(self, split, img_size, transform, num_classes=10, seed=0, task='cultivar'):
-        per_class = self.per_class[split]
+    num_classes = 10
+
+    def __init__(self, split, img_size, transform, seed=0, task='cultivar'):
         self.split, self.size, self.transform, self.task = split, int(img_size / 0.875), transform, task
-        self.img_size = img_size
-        self.num_classes, self.seed, self.n = num_classes, seed, num_classes * per_class
-        combos = [(c, r) for c in range(len(PALETTE)) for r in (0, 1)]
-        if num_classes > len(combos):
-            raise DatasetError(f'leaves has at most {len(combos)} classes')
-        order = torch.randperm(len(combos), generator=torch.Generator().manual_seed(seed))
-        self.signatures = [combos[j] for j in order[:num_classes].tolist()]
+        self.img_size, self.seed, self.n = img_size, seed, self.num_classes * self.per_class[split]
         self.rendered = {}
 
     def __len__(self):
@@ -184,6 +182,11 @@ class Leaves(Dataset):
                 self.rendered[i] = img
         return self.transform(to_pil_image(img)), label
 
+    def factors(self, label) -> dict:
+        """The two things class `label` (an int or a tensor of them) is made of, each as an index: for a
+        cultivar the spots' colour and the leaf's length, for a species the leaf's width and length."""
+        return {'spot colour' if self.task == 'cultivar' else 'width': label // 5, 'length': label % 5}
+
     def evidence(self, i, patch: int) -> torch.Tensor:
         """(P,) bool, patches in row-major order: where the class evidence of image i lies after the test
         transform (the centre crop), i.e. the patches that hold at least a fifth of a signature spot.
@@ -196,26 +199,27 @@ class Leaves(Dataset):
     def render(self, i):
         """Image i as `render_leaf` draws it (before the transform): (image, evidence)."""
         key, label = f'{self.seed}/{self.split}/{i}', i % self.num_classes
-        if self.task == 'cultivar':
-            return render_leaf(self.signatures[label], self.size, key)
+        length = 0.5 + 0.1 * (label % 5)
+        if self.task == 'cultivar':  # the class fixes length and spot colour; width and the spots' half are free
+            g = torch.Generator().manual_seed(zlib.crc32(f'cultivar/{key}'.encode()))
+            half, width = int(torch.randint(2, (), generator=g)), 0.2 + 0.2 * float(torch.rand((), generator=g))
+            return render_leaf((label // 5, half), self.size, key, outline=(length, width))
         g = torch.Generator().manual_seed(zlib.crc32(f'spots/{key}'.encode()))
         signature = (int(torch.randint(len(PALETTE), (), generator=g)), int(torch.randint(2, (), generator=g)))
-        outline = (0.5 + 0.1 * (label % 5), 0.2 + 0.2 * (label >= 5))  # (length, width): 5 x 2 species
+        outline = (length, 0.2 + 0.2 * (label >= 5))  # (length, width): 5 x 2 species
         return render_leaf(signature, self.size, 'species/' + key, outline=outline)
 
 
-def render_leaf(signature, size, key: str, outline=None):
-    """A (3, size, size) uint8 image of a leaf with 1-3 spots of the `signature` = (colour, half), and
-    the (size, size) share of each pixel that the signature's spots cover (the class evidence).
-    `outline` = (length, width) replaces the cultivars' shared outline (leaf-species)."""
+def render_leaf(signature, size, key: str, outline):
+    """A (3, size, size) uint8 image of a leaf of `outline` = (length, width), each jittered by up to 0.03,
+    with 1-3 spots of the `signature` = (colour, half), and the (size, size) share of each pixel that
+    the signature's spots cover (the class evidence)."""
     g = torch.Generator().manual_seed(zlib.crc32(key.encode()))  # CPU generators keep 32 bits of a seed
     u = lambda lo, hi, n=(): lo + (hi - lo) * torch.rand(n, generator=g)
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing='ij')
     # pose: rotate the image grid into leaf coordinates a (along the midrib) and b (across it)
     theta, cx, cy = u(-0.45, 0.45), u(-0.08, 0.08), u(-0.08, 0.08)
-    length, width = u(0.78, 0.9), u(0.28, 0.36)
-    if outline is not None:
-        length, width = outline[0] + u(-0.03, 0.03), outline[1] + u(-0.03, 0.03)
+    length, width = outline[0] + u(-0.03, 0.03), outline[1] + u(-0.03, 0.03)
     a = (xx - cx) * torch.sin(theta) - (yy - cy) * torch.cos(theta)  # tip points up, tilted by theta
     b = (xx - cx) * torch.cos(theta) + (yy - cy) * torch.sin(theta)
     s = (a + length) / (2 * length)                                  # 0 at the stalk, 1 at the tip

@@ -5,6 +5,7 @@
     python eval.py --cost --method evit --keep 0.1 --clc --cla  # params, GMACs, images/s, peak memory
     python eval.py --sweep --methods none evit topk --keeps 0.1 0.5 0.7   # cost table
     python eval.py --sweep --checkpoints runs/*/last.pt --plot acc.svg    # accuracy over seeds, and a plot
+    python eval.py --sweep --checkpoints runs/*/ --plot acc.svg            # the same from the runs' own logs
 
 The file reads top-down: the flags, how a model and its data are found, the four modes, then `main`.
 """
@@ -39,8 +40,8 @@ def parse_args(argv=None):
     a('--sweep', action='store_true', help='one table over --methods x --keeps (or over --checkpoints)')
     a('--methods', nargs='+', choices=METHODS, default=['none', 'evit', 'topk'])
     a('--keeps', type=float, nargs='+', default=[0.1, 0.25, 0.5, 0.7])
-    a('--checkpoints', nargs='+', help='sweep rows from checkpoints, with their accuracy; checkpoints of runs '
-      'that differ only in the seed share a row (mean, std, count)')
+    a('--checkpoints', nargs='+', help='sweep rows from checkpoints (re-evaluated) or run folders (the top-1 their '
+      'run logged after its last epoch); runs that differ only in the seed share a row (mean, std, count)')
     a('--plot', metavar='SVG', help='with --sweep --checkpoints: also draw top-1 against GMACs')
     # model flags: they describe the model when no checkpoint does, and override a checkpoint's settings
     add_model_flags(p)
@@ -72,6 +73,22 @@ def build(args, checkpoint=None):
             raise CheckpointError(f'{checkpoint} has no weights for {", ".join(missing[:4])}: drop the model flags '
                                   'that differ from the settings it was trained with')
     return model, raw
+
+
+def recorded_run(folder):
+    """(model, saved record, top-1) of a finished train.py run, from its own two small files: config.json and
+    the last line of log.jsonl. No weights are read and nothing is re-evaluated, so runs trained on another
+    machine can be tabulated from those files alone; the top-1 is the one measured in training's precision."""
+    try:
+        saved = json.loads((Path(folder) / 'config.json').read_text())
+        last = json.loads((Path(folder) / 'log.jsonl').read_text().splitlines()[-1])
+    except (OSError, ValueError, IndexError) as e:
+        raise CheckpointError(f'{folder} holds no train.py run (config.json and log.jsonl): {e}') from None
+    if last['epoch'] < saved['epochs']:
+        raise CheckpointError(f'{folder} stopped after epoch {last["epoch"]} of {saved["epochs"]}: finish it with '
+                              f'python train.py --resume {Path(folder) / "last.pt"}, or leave it out')
+    raw = {'config': saved.pop('model'), 'args': saved}
+    return ViT(model_config(raw)), raw, last['top1']
 
 
 def eval_split(args, model, raw):
@@ -171,9 +188,14 @@ def sweep(args, device) -> list:
     them, and their count. Returns the rows (for --plot)."""
     groups = {}  # run key -> (the model of its first checkpoint, top-1 of each checkpoint)
     if args.checkpoints:
+        if model_fields(args) and any(Path(c).is_dir() for c in args.checkpoints):
+            raise ValueError('a run folder reports the model it trained: drop the model flags, or pass last.pt files')
         for checkpoint in args.checkpoints:
-            model, raw = build(args, checkpoint)
-            top1 = accuracy(model, eval_split(args, model, raw), args, device)['top1']
+            if Path(checkpoint).is_dir():
+                model, raw, top1 = recorded_run(checkpoint)
+            else:
+                model, raw = build(args, checkpoint)
+                top1 = accuracy(model, eval_split(args, model, raw), args, device)['top1']
             groups.setdefault(run_key(model.cfg, raw), (model, []))[1].append(top1)
     else:
         for method, keep, clca in itertools.product(args.methods, args.keeps, (False, True)):

@@ -4,6 +4,7 @@ it, and what the token sequence holds block by block (CLCA Sec. 2.2, token by to
     python explain.py --checkpoint runs/leaves/last.pt --recall              # evidence kept, against chance
     python explain.py --checkpoint runs/leaves/last.pt --trace 0             # test image 0, block by block
     python explain.py --checkpoint runs/leaves/last.pt --visualize kept.png  # the patches that survive
+    python explain.py --checkpoint runs/leaves/last.pt --factors             # which half of the class it gets wrong
 
 The evidence comes from the embedded leaves, whose generator knows where each image's class lives. A
 model is found as eval.py finds it: from a checkpoint, or from the model flags alone (random weights,
@@ -15,6 +16,7 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
 from data import DATASETS, DatasetError
@@ -36,6 +38,8 @@ def parse_args(argv=None):
                       'a token of their own after each reduction, against chance, and the share merged with others')
     what.add_argument('--trace', type=int, metavar='I', help='print, block by block, what the sequence of image I holds')
     what.add_argument('--visualize', metavar='PNG', help='write a grid of the patches that survive each reduction')
+    what.add_argument('--factors', action='store_true', help="leaves: how often the prediction gets each half of "
+                      "the class right, the spots' colour and the leaf's length (the marks or the outline)")
     # model flags: they describe the model when no checkpoint does, and override a checkpoint's settings
     add_model_flags(p)
     a('--num-classes', type=int)
@@ -107,6 +111,22 @@ def evidence_recall(model, dataset, device, batch: int = 100) -> list:
             sums[s] += torch.tensor([alone.sum(), mixed.sum(), own.float().mean(1).sum()])
         total += int(evidence.sum())
     return [(a / max(total, 1), m / max(total, 1), c / len(dataset)) for a, m, c in sums.tolist()]
+
+
+@torch.no_grad()
+def factor_accuracy(model, dataset, device, batch: int = 100) -> dict:
+    """Leaves: the share (%) of images whose predicted class has the true value of each factor of the class
+    (`Leaves.factors`), beside top-1, where both must be right. A reduction that loses the marks loses
+    colour; one that loses the outline loses length."""
+    if not hasattr(dataset, 'factors'):
+        raise ValueError('--factors needs classes made of factors: use --dataset leaves')
+    dtype, hits = next(model.parameters()).dtype, Counter()
+    for images, labels in DataLoader(dataset, batch):
+        predicted = model.eval()(images.to(device, dtype))[0].argmax(-1).cpu()  # (B,)
+        truth, guess = dataset.factors(labels), dataset.factors(predicted)
+        hits.update({name: int((guess[name] == truth[name]).sum()) for name in truth})
+        hits['top-1'] += int((predicted == labels).sum())
+    return {name: 100 * n / len(dataset) for name, n in hits.items()}
 
 
 def visualize(model, dataset, path, device, num_images=6, scale=4):
@@ -198,6 +218,8 @@ def main(argv=None):
                 where = f'all {len(alive)}' if len(alive) == model.num_patches else ' '.join(map(str, alive)) or '-'
                 print(f'{i:5d} {sum(counts.values()):3d}  ' + ' '.join(f'{counts.get(k, 0):6d}' for k in kinds)
                       + f'  {where}' + ''.join(f'; {n}' for n in notes))
+        elif args.factors:
+            print('  '.join(f'{name} {share:.1f} %' for name, share in factor_accuracy(model, dataset, device).items()))
         else:
             visualize(model, dataset, args.visualize, device)
             print(f'wrote {args.visualize}')

@@ -32,8 +32,8 @@ from weights import CheckpointError, load_weights, open_checkpoint, pretrained_u
 PAPER = dict(backbone='vit_base_patch16_224.orig_in21k', pretrained='auto', img_size=448, epochs=50,
              warmup_epochs=2, cooldown_epochs=5, batch_size=32, lr=1e-4)
 # the demo fine-tunes, as the paper does, from a plain ViT pre-trained on leaf-species (made once, ~2 min)
-LEAVES = dict(backbone='vit_tiny_patch8_224', pretrained='auto', img_size=32, epochs=8, warmup_epochs=1,
-              cooldown_epochs=1, batch_size=32, lr=5e-4, schedule='step')
+LEAVES = dict(backbone='vit_tiny_patch8_224', pretrained='auto', img_size=48, epochs=8, warmup_epochs=1,
+              cooldown_epochs=1, batch_size=32, lr=1e-4, schedule='step')
 SPECIES = dict(LEAVES, pretrained='none', epochs=5, lr=1e-3, method='none', clc=False, cla=False)
 PRESETS = {'leaves': LEAVES, 'leaf-species': SPECIES}
 # and the model both train: the paper's CLCA, EViT keeping 10 % at blocks 3, 6 and 9, cache and head on.

@@ -1,5 +1,7 @@
 import argparse
+import json
 import re
+import shutil
 from xml.etree import ElementTree
 
 import pytest
@@ -181,6 +183,37 @@ def test_sweep_groups_checkpoints_that_differ_only_in_seed_and_plots_them(tmp_pa
     assert svg.tag == ns + 'svg'
     assert len(list(svg.iter(ns + 'line'))) == 3     # one error bar per row
     assert len(list(svg.iter(ns + 'polygon'))) == 3 + 1  # a marker per row, and the legend's CLCA marker
+
+
+def test_sweep_reads_finished_runs_from_their_own_folders(tmp_path, capsys, monkeypatch):
+    """A run folder is tabulated from train.py's config.json and the last line of its log.jsonl: it is not
+    re-evaluated, runs that differ only in the seed share a row, another lr is another row."""
+    train.main(['--pretrained', 'none', '--img-size', '32', '--batch-size', '50', '--workers', '0', '--epochs', '2',
+                '--warmup-epochs', '0', '--cooldown-epochs', '0', '--keep', '0.25', '--out', str(tmp_path / 'a1')])
+
+    def copy(name, top1, **args):  # the same run with another seed or lr, and another accuracy
+        shutil.copytree(tmp_path / 'a1', tmp_path / name)
+        config = json.loads((tmp_path / name / 'config.json').read_text())
+        (tmp_path / name / 'config.json').write_text(json.dumps({**config, 'out': str(tmp_path / name), **args}))
+        log = [json.loads(line) for line in (tmp_path / name / 'log.jsonl').read_text().splitlines()]
+        log[-1]['top1'] = top1
+        (tmp_path / name / 'log.jsonl').write_text(''.join(json.dumps(m) + '\n' for m in log))
+        return str(tmp_path / name)
+    first = json.loads((tmp_path / 'a1' / 'log.jsonl').read_text().splitlines()[-1])['top1']
+    runs = [str(tmp_path / 'a1'), copy('a2', first + 2, seed=2), copy('a3', first + 7, seed=3), copy('b', 60.0, lr=5e-4)]
+    monkeypatch.setattr(evaluation, 'accuracy', lambda *a: pytest.fail('a run folder is not re-evaluated'))
+    evaluation.main(['--sweep', '--checkpoints', *runs, '--batch-size', '2'])
+    rows = [[c.strip() for c in line.split('|')[1:-1]] for line in capsys.readouterr().out.splitlines()
+            if line.startswith('| evit')]
+    assert [(r[1], r[7], r[8]) for r in rows] == [('0.25', '%.1f ± 3.6' % (first + 3), '3'), ('0.25', '60.0', '1')]
+    log = (tmp_path / 'a3' / 'log.jsonl').read_text().splitlines()
+    (tmp_path / 'a3' / 'log.jsonl').write_text(log[0] + '\n')  # a run stopped after epoch 1 of 2
+    with pytest.raises(SystemExit, match='stopped after epoch 1 of 2: finish it with python train.py --resume'):
+        evaluation.main(['--sweep', '--checkpoints', *runs])
+    with pytest.raises(SystemExit, match='a run folder reports the model it trained'):
+        evaluation.main(['--sweep', '--checkpoints', runs[0], '--keep', '0.5'])
+    with pytest.raises(SystemExit, match='holds no train.py run'):
+        evaluation.main(['--sweep', '--checkpoints', str(tmp_path)])
 
 
 def test_plot_needs_a_sweep_over_checkpoints(tmp_path):
