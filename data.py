@@ -2,9 +2,8 @@
 
 - The five ultra-fine-grained leaf datasets of the UFG benchmark (Yu et al., ICCV 2021) from disk, in
   any of three layouts, detected automatically; `folder` reads any directory in one of them.
-- `leaves`: an embedded, procedurally generated dataset of leaf "cultivars" that differ only in a
-  few small coloured spots, so that it needs no download and still shows what the paper is about:
-  the class lives in a handful of patches, and a reduction that drops them loses it.
+- `leaves`: embedded, procedural leaf "cultivars", each a leaf length and a spot colour: the class lives
+  in the whole outline and in a handful of patches, and a reduction keeps only a few of them.
 - `leaf-species`: the same generator labelled by leaf outline instead, with spots that mean nothing.
   It stands in for ImageNet: the demo fine-tunes a ViT pre-trained on it, whose early attention
   has learnt to look at the outline, not at the cultivars' spots, as an ImageNet ViT's has.
@@ -176,7 +175,7 @@ class Leaves(Dataset):
     def __getitem__(self, i):
         label = i % self.num_classes
         img = self.rendered.get(i)
-        if img is None:  # an image is the same every epoch: draw it once (20 MB for the demo's 5,000)
+        if img is None:  # an image is the same every epoch: draw it once (35 MB for the demo's 4,000)
             img = self.render(i)[0]
             if self.n * img.numel() <= self.cache_bytes:
                 self.rendered[i] = img
