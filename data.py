@@ -155,7 +155,7 @@ class Leaves(Dataset):
     the few patches of its marks.
     task 'species' (`leaf-species`): a class is the leaf's outline (5 lengths x 2 widths); the spots'
     signature is drawn at random, so they carry no label.
-    Both: the class's length is 0.5 + 0.1 * (label % 5) (half the leaf's extent in [-1, 1] coordinates).
+    Both: `factors` splits a label in two; length index k is a leaf 0.5 + 0.1 k long (half its extent in [-1, 1]).
     Deterministic: image i of a split depends only on (seed, task, split, i).
     """
 
@@ -197,15 +197,15 @@ class Leaves(Dataset):
 
     def render(self, i):
         """Image i as `render_leaf` draws it (before the transform): (image, evidence)."""
-        key, label = f'{self.seed}/{self.split}/{i}', i % self.num_classes
-        length = 0.5 + 0.1 * (label % 5)
+        key, part = f'{self.seed}/{self.split}/{i}', self.factors(i % self.num_classes)
+        length = 0.5 + 0.1 * part['length']
         if self.task == 'cultivar':  # the class fixes length and spot colour; width and the spots' half are free
             g = torch.Generator().manual_seed(zlib.crc32(f'cultivar/{key}'.encode()))
             half, width = int(torch.randint(2, (), generator=g)), 0.2 + 0.2 * float(torch.rand((), generator=g))
-            return render_leaf((label // 5, half), self.size, key, outline=(length, width))
+            return render_leaf((part['spot colour'], half), self.size, key, outline=(length, width))
         g = torch.Generator().manual_seed(zlib.crc32(f'spots/{key}'.encode()))
         signature = (int(torch.randint(len(PALETTE), (), generator=g)), int(torch.randint(2, (), generator=g)))
-        outline = (length, 0.2 + 0.2 * (label >= 5))  # (length, width): 5 x 2 species
+        outline = (length, 0.2 + 0.2 * part['width'])  # (length, width): 5 x 2 species
         return render_leaf(signature, self.size, 'species/' + key, outline=outline)
 
 

@@ -121,8 +121,9 @@ def factor_accuracy(model, dataset, device, batch: int = 100) -> dict:
     if not hasattr(dataset, 'factors'):
         raise ValueError('--factors needs classes made of factors: use --dataset leaves')
     dtype, hits = next(model.parameters()).dtype, Counter()
+    model.eval()
     for images, labels in DataLoader(dataset, batch):
-        predicted = model.eval()(images.to(device, dtype))[0].argmax(-1).cpu()  # (B,)
+        predicted = model(images.to(device, dtype))[0].argmax(-1).cpu()  # (B,)
         truth, guess = dataset.factors(labels), dataset.factors(predicted)
         hits.update({name: int((guess[name] == truth[name]).sum()) for name in truth})
         hits['top-1'] += int((predicted == labels).sum())
