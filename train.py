@@ -1,6 +1,6 @@
 """Train a CLCA model with the paper's recipe, or the embedded demo's preset.
 
-    python train.py                                  # embedded synthetic leaves, tiny ViT, ~5 min on a CPU
+    python train.py                                  # embedded synthetic leaves, tiny ViT, ~6 1/2 min on a CPU
     python train.py --dataset soyageing --keep 0.1   # the paper's recipe: ViT-B/16, 448 px, EViT + CLCA
     torchrun --nproc_per_node 4 train.py --dataset soyageing   # the same on 4 GPUs (DDP)
     python train.py --resume runs/leaves/last.pt     # continue a run exactly where it stopped
