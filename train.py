@@ -1,6 +1,6 @@
 """Train a CLCA model with the paper's recipe, or the embedded demo's preset.
 
-    python train.py                                  # embedded synthetic leaves, tiny ViT, ~4 1/2 min on a CPU
+    python train.py                                  # embedded leaves, tiny ViT, ~4 1/3 min on a CPU (8 at first)
     python train.py --dataset soyageing --keep 0.1   # the paper's recipe: ViT-B/16, 448 px, EViT + CLCA
     torchrun --nproc_per_node 4 train.py --dataset soyageing   # the same on 4 GPUs (DDP)
     python train.py --resume runs/leaves/last.pt     # continue a run exactly where it stopped
@@ -28,10 +28,10 @@ from reduce import METHODS
 from weights import CheckpointError, load_weights, open_checkpoint, pretrained_url, save_checkpoint
 
 # Every default has one home here. The paper's recipe for real datasets, and a preset for the embedded
-# leaves that fine-tunes a tiny ViT in about 4 1/2 minutes on a 2-core CPU:
+# leaves that fine-tunes a tiny ViT in about 4 1/3 minutes on a 2-core CPU:
 PAPER = dict(backbone='vit_base_patch16_224.orig_in21k', pretrained='auto', img_size=448, epochs=50,
              warmup_epochs=2, cooldown_epochs=5, batch_size=32, lr=1e-4)
-# the demo fine-tunes, as the paper does, from a plain ViT pre-trained on leaf-species (made once, ~3 1/2 min), at
+# the demo fine-tunes, as the paper does, from a plain ViT pre-trained on leaf-species (made once, ~3 2/3 min), at
 # the paper's lr: there EViT at keep 0.1 costs ~2 points, at 2e-4 or 5e-4 nothing (README: how the demo was chosen)
 LEAVES = dict(backbone='vit_tiny_patch8_224', pretrained='auto', img_size=48, epochs=8, warmup_epochs=1,
               cooldown_epochs=1, batch_size=32, lr=1e-4, schedule='step')
