@@ -12,6 +12,8 @@ The file reads top-down: the flags, how a model and its data are found, the four
 import argparse
 import itertools
 import json
+import math
+import re
 import resource
 import statistics
 import time
@@ -43,6 +45,7 @@ def parse_args(argv=None):
     a('--checkpoints', nargs='+', help='sweep rows from checkpoints (re-evaluated) or run folders (the top-1 their '
       'run logged after its last epoch); runs that differ only in the seed share a row (mean, std, count)')
     a('--plot', metavar='SVG', help='with --sweep --checkpoints: also draw top-1 against GMACs')
+    a('--table', metavar='MD', help='with --plot: draw the first sweep table in this markdown file instead')
     # model flags: they describe the model when no checkpoint does, and override a checkpoint's settings
     add_model_flags(p)
     a('--num-classes', type=int)
@@ -185,7 +188,7 @@ def mean_std(values) -> tuple:
 def sweep(args, device) -> list:
     """One markdown table: a row per method x keep x CLCA, or per run of --checkpoints, where
     checkpoints that differ only in their seed (or the machine) share a row: top-1 as mean +- std over
-    them, and their count. Returns the rows (for --plot)."""
+    them, and their count. Returns the rows that have a top-1 (for --plot)."""
     groups = {}  # run key -> (the model of its first checkpoint, top-1 of each checkpoint)
     if args.checkpoints:
         if model_fields(args) and any(Path(c).is_dir() for c in args.checkpoints):
@@ -212,20 +215,53 @@ def sweep(args, device) -> list:
         print(f"| {cfg.method} | {keep} | {'on' if cfg.clc else 'off'} | {'on' if cfg.cla else 'off'} "
               f"| {tokens_per_stage(cfg)} | {c['GMACs']:.3f} | {c['images_per_s']:.1f} | {top1} | {len(tops) or '-'} |",
               flush=True)
-        rows.append(dict(method=cfg.method, keep=keep, clc=cfg.clc, cla=cfg.cla, gmacs=c['GMACs'], top1=tops))
+        if tops:
+            mean, std = mean_std(tops)
+            rows.append(dict(method=cfg.method, keep=keep, clc=cfg.clc, cla=cfg.cla, gmacs=c['GMACs'], mean=mean,
+                             std=std, seeds=len(tops)))
     return rows
 
 
+def read_table(path) -> list:
+    """The rows of the first markdown table in `path` with the columns method, keep, CLC, CLA, GMACs, top-1 and
+    seeds (as --sweep prints them; other columns are ignored), for --plot: a table measured before, drawn again."""
+    header = None
+    for line in Path(path).read_text().splitlines():
+        cells = [c.strip().strip('*') for c in line.strip().strip('|').split('|')]
+        if header is None and {'method', 'keep', 'CLC', 'CLA', 'GMACs', 'top-1', 'seeds'} <= set(cells):
+            header, rows = cells, []
+        elif header is not None and line.startswith('|'):
+            if set(line) <= set('|-: '):
+                continue  # the line under the header
+            row = dict(zip(header, cells))
+            top1 = re.match(r'([\d.]+)(?: ± ([\d.]+))?', row['top-1'].strip('*'))
+            rows.append(dict(method=row['method'], keep=row['keep'], clc=row['CLC'] == 'on', cla=row['CLA'] == 'on',
+                             gmacs=float(row['GMACs']), mean=float(top1[1]), std=float(top1[2] or 0),
+                             seeds=int(row['seeds'])))
+        elif header is not None:
+            break
+    if not header or not rows:
+        raise ValueError(f'{path} has no table with the columns method, keep, CLC, CLA, GMACs, top-1 and seeds')
+    return rows
+
+
+def nice_ticks(lo: float, hi: float, most: int = 6) -> list:
+    """Round tick values, steps of 1, 2 or 5 x 10^k, from at or below `lo` to at or above `hi`."""
+    unit = 10 ** math.floor(math.log10((hi - lo) / most))
+    step = next(unit * m for m in (1, 2, 5, 10) if (hi - lo) / (unit * m) <= most)
+    first = math.floor(lo / step) * step
+    return [round(first + i * step, 10) for i in range(math.ceil(round((hi - first) / step, 6)) + 1)]
+
+
 def plot(rows, path):
-    """Top-1 against GMACs as an SVG (no plotting library): a colour per method, a marker per CLC/CLA
-    setting (hollow: neither), the keep rate beside each point, error bars of one standard deviation."""
-    W, H, L, B, R = 640, 420, 60, 50, 150  # canvas; left, bottom and right (legend) margins, in pixels
-    stats = [mean_std(r['top1']) for r in rows]
-    x0, x1 = min(r['gmacs'] for r in rows), max(r['gmacs'] for r in rows)
-    y0, y1 = min(m - s for m, s in stats) - 2, max(m + s for m, s in stats) + 2
-    x0, x1 = x0 - 0.05 * (x1 - x0 or 1), x1 + 0.05 * (x1 - x0 or 1)
-    px = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)
-    py = lambda y: H - B - (y - y0) / (y1 - y0) * (H - B - 20)
+    """Top-1 against GMACs as an SVG (no plotting library), drawn like the paper's figure: a colour per method,
+    a marker per CLC/CLA setting (hollow: neither), a line joining the keep rates of each method and setting,
+    the keep rate beside each point where it overlaps nothing, error bars of one standard deviation."""
+    W, H, L, T, B, R = 680, 440, 60, 40, 50, 150  # canvas; left, top, bottom and right (legend) margins, in pixels
+    xs = nice_ticks(min(r['gmacs'] for r in rows), max(r['gmacs'] for r in rows))
+    ys = nice_ticks(min(r['mean'] - r['std'] for r in rows), max(r['mean'] + r['std'] for r in rows))
+    px = lambda x: L + (x - xs[0]) / (xs[-1] - xs[0]) * (W - L - R)
+    py = lambda y: H - B - (y - ys[0]) / (ys[-1] - ys[0]) * (H - B - T)
     colours = dict(zip(METHODS, ['#444444', '#1f77b4', '#17becf', '#ff7f0e', '#2ca02c', '#9467bd', '#8c564b',
                                  '#e377c2', '#d62728']))
     shapes = {(False, False): ('base', [(-5, -5), (5, -5), (5, 5), (-5, 5)]),
@@ -235,24 +271,47 @@ def plot(rows, path):
     marker = lambda key, x, y, colour: (
         f'<polygon points="{" ".join(f"{x + a:.1f},{y + b:.1f}" for a, b in shapes[key][1])}" '
         f'fill="{"white" if key == (False, False) else colour}" stroke="{colour}" stroke-width="2"/>')
+    seeds = sorted({r['seeds'] for r in rows})
+    span = str(seeds[0]) if len(seeds) == 1 else f'{seeds[0]}–{seeds[-1]}'
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
            f'font-size="12"><rect width="{W}" height="{H}" fill="white"/>',
-           f'<path d="M{L},20 V{H - B} H{W - R}" fill="none" stroke="black"/>',
-           f'<text x="{(L + W - R) / 2}" y="{H - 12}" text-anchor="middle">GMACs per image</text>',
-           f'<text transform="translate(16,{(H - B) / 2}) rotate(-90)" text-anchor="middle">test top-1 (%)</text>']
-    for i in range(6):  # axis ticks
-        x, y = x0 + i * (x1 - x0) / 5, y0 + i * (y1 - y0) / 5
-        out += [f'<text x="{px(x):.1f}" y="{H - B + 16}" text-anchor="middle">{x:.3f}</text>',
-                f'<text x="{L - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.0f}</text>']
-    for r, (m, s) in zip(rows, stats):
-        x, colour = px(r['gmacs']), colours[r['method']]
-        out += [f'<line x1="{x:.1f}" y1="{py(m - s):.1f}" x2="{x:.1f}" y2="{py(m + s):.1f}" stroke="{colour}"/>',
-                marker((r['clc'], r['cla']), x, py(m), colour),
-                f'<text x="{x + 8:.1f}" y="{py(m) - 6:.1f}" fill="{colour}">{r["keep"]}</text>']
+           f'<text x="{(L + W - R) / 2}" y="22" text-anchor="middle" font-size="14">Test top-1 against cost '
+           f'(mean and one std over {span} seeds)</text>']
+    for x in xs:  # light gridlines and round tick values
+        out += [f'<line x1="{px(x):.1f}" y1="{T}" x2="{px(x):.1f}" y2="{H - B}" stroke="#e4e4e4"/>',
+                f'<text x="{px(x):.1f}" y="{H - B + 16}" text-anchor="middle">{x:g}</text>']
+    for y in ys:
+        out += [f'<line x1="{L}" y1="{py(y):.1f}" x2="{W - R}" y2="{py(y):.1f}" stroke="#e4e4e4"/>',
+                f'<text x="{L - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:g}</text>']
+    out += [f'<path d="M{L},{T} V{H - B} H{W - R}" fill="none" stroke="black"/>',
+            f'<text x="{(L + W - R) / 2}" y="{H - 12}" text-anchor="middle">GMACs per image</text>',
+            f'<text transform="translate(16,{(H - B + T) / 2}) rotate(-90)" text-anchor="middle">test top-1 (%)</text>']
+    points = [(px(r['gmacs']), py(r['mean'])) for r in rows]
+    for method, clc, cla in dict.fromkeys((r['method'], r['clc'], r['cla']) for r in rows):
+        line = sorted(p for r, p in zip(rows, points) if (r['method'], r['clc'], r['cla']) == (method, clc, cla))
+        if len(line) < 2:
+            continue
+        dashes = '' if clc or cla else ' stroke-dasharray="4 3"'  # base runs dashed
+        out.append(f'<polyline points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in line)}" fill="none" '
+                   f'stroke="{colours[method]}" stroke-opacity="0.6"{dashes}/>')
+    taken = [(x - 7, y - 7, x + 7, y + 7) for x, y in points]  # boxes of markers and of labels placed so far
+    for r, (x, y) in zip(rows, points):
+        colour = colours[r['method']]
+        out += [f'<line x1="{x:.1f}" y1="{py(r["mean"] - r["std"]):.1f}" x2="{x:.1f}" '
+                f'y2="{py(r["mean"] + r["std"]):.1f}" stroke="{colour}"/>', marker((r['clc'], r['cla']), x, y, colour)]
+        if r['method'] == 'none':
+            continue  # no keep rate to name
+        w = 7 * len(r['keep'])  # about 7 px per character at 12 px
+        for dx, dy in ((9, -4), (9, 9), (-9 - w, -4), (-9 - w, 9), (-w / 2, -20), (-w / 2, 12)):
+            box = (x + dx, y + dy - 5, x + dx + w, y + dy + 8)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in taken):
+                break
+        taken.append(box)
+        out.append(f'<text x="{box[0]:.1f}" y="{box[3] - 2:.1f}" fill="{colour}">{r["keep"]}</text>')
     legend = [(m, colours[m], None) for m in dict.fromkeys(r['method'] for r in rows)]
     legend += [(shapes[k][0], '#444444', k) for k in dict.fromkeys((r['clc'], r['cla']) for r in rows)]
     for i, (label, colour, key) in enumerate(legend):
-        x, y = W - R + 20, 30 + 20 * i
+        x, y = W - R + 20, T + 10 + 20 * i
         out += [marker(key, x, y, colour) if key else f'<rect x="{x - 6}" y="{y - 2}" width="12" height="4" '
                 f'fill="{colour}"/>', f'<text x="{x + 14}" y="{y + 4}">{label}</text>']
     Path(path).write_text('\n'.join(out + ['</svg>']) + '\n')
@@ -264,10 +323,12 @@ def main(argv=None):
     args.batch_size = args.batch_size or (32 if device.type == 'cuda' else 4)
     runtime_defaults(args, device)
     try:
-        if args.plot and not (args.sweep and args.checkpoints and args.plot.endswith('.svg')):
-            raise ValueError('--plot FILE.svg goes with --sweep --checkpoints')
-        if args.sweep:
-            rows = sweep(args, device)
+        if args.plot and not ((args.sweep and args.checkpoints or args.table) and args.plot.endswith('.svg')):
+            raise ValueError('--plot FILE.svg goes with --sweep --checkpoints, or with --table FILE.md')
+        if args.table and not args.plot:
+            raise ValueError('--table FILE.md goes with --plot FILE.svg: it only redraws a table')
+        if args.sweep or args.table:
+            rows = read_table(args.table) if args.table else sweep(args, device)
             if args.plot:
                 plot(rows, args.plot)
                 print(f'wrote {args.plot}')

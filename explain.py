@@ -1,5 +1,5 @@
 """Look inside a CLCA model: which patches each reduction keeps, how much of the class evidence survives
-it, and what the token sequence holds block by block (CLCA Sec. 2.2, token by token).
+it, and what the token sequence holds block by block (the Cross-Layer Cache, token by token).
 
     python explain.py --checkpoint runs/leaves/last.pt --recall              # evidence kept, against chance
     python explain.py --checkpoint runs/leaves/last.pt --trace 0             # test image 0, block by block
@@ -17,7 +17,9 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from torchvision.utils import make_grid, save_image
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.transforms.functional import to_pil_image
+from torchvision.utils import make_grid
 
 from data import DATASETS, DatasetError
 from eval import build, eval_split, tokens_per_stage
@@ -130,9 +132,12 @@ def factor_accuracy(model, dataset, device, batch: int = 100) -> dict:
     return {name: 100 * n / len(dataset) for name, n in hits.items()}
 
 
+HEADING = 22  # pixels of the column headings above the --visualize grid
+
+
 def visualize(model, dataset, path, device, num_images=6, scale=4):
-    """A PNG grid: per row one test image, then the image after each reduction location with the
-    patches that no longer have a token of their own dimmed. Small images are scaled up `scale` times
+    """A PNG grid under column headings: per row one test image, then the image after each reduction location
+    with the patches that no longer have a token of their own dimmed. Small images are scaled up `scale` times
     (nearest neighbour, so patches stay sharp); on leaves the evidence patches are outlined in cyan."""
     images = torch.stack([dataset[i][0] for i in range(min(num_images, len(dataset)))])
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (dataset.transform.transforms[-1].mean,
@@ -151,12 +156,18 @@ def visualize(model, dataset, path, device, num_images=6, scale=4):
         edge = grown - shrunk  # 1 on both sides of each evidence region's border
         cyan = torch.tensor([0.0, 1.0, 1.0]).view(1, 3, 1, 1)
         rows = [r * (1 - edge) + cyan * edge for r in rows]
-    grid = torch.stack(rows, 1).flatten(0, 1)  # image-major: original, loc 1, loc 2, ...
-    save_image(make_grid(grid, nrow=len(rows), padding=2, pad_value=1.0), path)
+    grid = make_grid(torch.stack(rows, 1).flatten(0, 1), nrow=len(rows), padding=2, pad_value=1.0)  # image-major
+    page = to_pil_image(grid.mul(255).add(0.5).clamp(0, 255).to(torch.uint8))  # rounded as save_image rounds
+    headed = Image.new('RGB', (page.width, page.height + HEADING), 'white')  # a line of column headings on top
+    headed.paste(page, (0, HEADING))
+    draw, font = ImageDraw.Draw(headed), ImageFont.load_default(size=14)
+    for c, title in enumerate(['input'] + [f'after block {i}' for i in model.cfg.loc]):
+        draw.text(((c + 0.5) * page.width / len(rows) - draw.textlength(title, font) / 2, 3), title, 'black', font)
+    headed.save(path)
 
 
 def trace(model, image) -> list:
-    """CLCA Sec. 2.2, token by token: run one image (1, 3, S, S) and return, per block, what its sequence
+    """The Cross-Layer Cache, token by token: run one image (1, 3, S, S) and return, per block, what its sequence
     holds on the way in: (block, {kind: count}, [alive patches as (row, col)], what happens in the block).
     Kinds: CLS, patch, CLR (the carriers), cache (entries recovered from the cross-layer cache), and the
     tokens a reduction makes (EViT's fused token, ToMe's merged tokens, pooled clusters)."""

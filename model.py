@@ -39,16 +39,16 @@ class ModelConfig:
     num_classes: int = 1000        # classifier outputs
     mean: tuple = IMAGENET_MEAN    # the backbone's pretraining statistics (data.py uses ImageNet's
     std: tuple = IMAGENET_STD      # by default, as the paper's code does)
-    # CLCA Sec. 2.1: token reduction (reduce.py)
+    # CLCA, token reduction (reduce.py)
     method: str = 'none'           # one of reduce.METHODS
     keep: tuple = (1.0,)           # keep rate, one for all locations or one per location
     loc: tuple = (3, 6, 9)         # 0-indexed blocks that reduce (and where CLC recovers, CLA reads)
-    # CLCA Sec. 2.2: cross-layer cache
+    # CLCA, Cross-Layer Cache (CLC)
     clc: bool = False              # cache carrier tokens and re-insert them after each reduction
     num_clr: int = 1               # CLR carrier tokens appended to the input (paper: 1)
     clc_gap: bool = True           # also cache the mean of the surviving tokens (paper: on)
     clc_last: bool = True          # one more recovery at block depth - 2 (paper: on)
-    # CLCA Sec. 2.3: cross-layer aggregation head
+    # CLCA, Cross-Layer Aggregation (CLA) head
     cla: bool = False              # classify from the CLS of every location and the last block
     cla_filters: int = 2           # depthwise filters per channel in the CLA head (paper: 2)
 
@@ -179,9 +179,9 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.reducers = build_reducers(cfg)
         self.stage = {i: s for s, i in enumerate(cfg.loc)} if len(self.reducers) else {}
-        # CLCA Sec. 2.2: recover after every reduction, and once more at depth - 2
+        # Cross-Layer Cache: recover after every reduction, and once more at depth - 2
         self.recovery = sorted(set(cfg.loc) | ({cfg.depth - 2} if cfg.clc_last else set()))
-        # CLCA Sec. 2.3: the CLS after each location and after the last block, g = len(loc) + 1 vectors
+        # Cross-Layer Aggregation head: the CLS after each location and after the last block, g = len(loc) + 1 vectors
         self.cla_layers = sorted(set(cfg.loc) | {cfg.depth - 1})
         if cfg.cla:  # nested exactly as in the paper's code, so that its checkpoints load as a key copy
             g, wide = len(self.cla_layers), cfg.cla_filters * D
@@ -210,7 +210,7 @@ class ViT(nn.Module):
 
     @torch.no_grad()
     def init_clr(self):
-        """CLCA Sec. 2.2: CLR carriers start as copies of the (pretrained) CLS token."""
+        """Cross-Layer Cache: CLR carriers start as copies of the (pretrained) CLS token."""
         if self.clr is not None:
             self.clr.copy_(self.cls_token.expand_as(self.clr))
 
@@ -229,7 +229,7 @@ class ViT(nn.Module):
         return Tokens(x=self.norm_pre(x), idx=idx.expand(B, -1), protected=self.num_clr)
 
     def carriers(self, t: Tokens, survived: int):
-        """CLCA Sec. 2.2: one cache entry, [GAP of positions 1..survived-1, the last num_clr tokens].
+        """Cross-Layer Cache: one cache entry, [GAP of positions 1..survived-1, the last num_clr tokens].
         `survived` is the length before the last recovery appended anything, so the GAP averages the
         tokens that survived the reductions (at first the patches), not the carriers recovered behind them."""
         parts = [t.mean(1, survived)] if self.cfg.clc_gap else []  # (B, 1, D); 0 if none survived

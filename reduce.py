@@ -1,4 +1,4 @@
-"""Token reduction methods, one small unit each (CLCA Sec. 2.1).
+"""Token reduction methods, one small unit each (the reduction CLCA plugs into).
 
 Every method plugs into the ViT through one interface, a `Reducer` module per reduction location:
 

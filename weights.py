@@ -1,6 +1,6 @@
 """Every checkpoint this project reads or writes.
 
-- Reads: timm's pretrained files, the official DeiT / DeiT-3 / MAE / DINO / MoCo v3 containers, the
+- Reads: timm's pretrained files, OpenCLIP's, the official DeiT / DeiT-3 / MAE / DINO / MoCo v3 containers, the
   training checkpoints of the paper's code (arkel23/CLCA) and this project's own; `.safetensors` files
   when the optional safetensors package is installed.
 - Never unpickles arbitrary objects: only tensors, plain containers and argparse.Namespace (the
@@ -26,12 +26,40 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unsafe to unpickle, or does not fit the model."""
 
 
+# Where timm 0.9.12, the version the paper's code pins, reads a tag's weights when it is not timm's own copy: the
+# CLIP of the official README's command comes from OpenCLIP's release (its keys are converted by `from_open_clip`).
+ELSEWHERE = {'vit_base_patch16_clip_224.laion2b':
+             'https://huggingface.co/laion/CLIP-ViT-B-16-laion2B-s34B-b88K/resolve/main/open_clip_pytorch_model.bin'}
+
+
 def pretrained_url(backbone: str) -> str:
-    """Where timm publishes the weights of a tagged backbone name, e.g. 'deit_base_patch16_224.fb_in1k'."""
+    """Where the weights of a tagged backbone name live, e.g. 'deit_base_patch16_224.fb_in1k': timm's hub copy,
+    or for a tag in ELSEWHERE the file the paper's timm version read."""
     if '.' not in backbone:
         raise CheckpointError(f'{backbone} has no pretrained tag: name one (e.g. {backbone}.augreg_in21k), '
                               'pass a file with --pretrained, or train from scratch with --pretrained none')
-    return f'https://huggingface.co/timm/{backbone}/resolve/main/pytorch_model.bin'
+    return ELSEWHERE.get(backbone, f'https://huggingface.co/timm/{backbone}/resolve/main/pytorch_model.bin')
+
+
+# OpenCLIP's names of the image tower and timm's, replaced in this order (ln_pre and ln_post before ln_)
+OPEN_CLIP_NAMES = (('conv1', 'patch_embed.proj'), ('positional_embedding', 'pos_embed'),
+                   ('transformer.resblocks.', 'blocks.'), ('ln_pre', 'norm_pre'), ('ln_post', 'norm'), ('ln_', 'norm'),
+                   ('in_proj_', 'qkv.'), ('out_proj', 'proj'), ('mlp.c_fc', 'mlp.fc1'), ('mlp.c_proj', 'mlp.fc2'))
+
+
+def from_open_clip(sd: dict) -> dict:
+    """An OpenCLIP checkpoint's image tower ('visual.*') under timm's names. The text tower, the logit scale
+    and the projection into the text space ('visual.proj') are not part of a ViT classifier: dropped."""
+    out = {}
+    for key, value in sd.items():
+        if key.startswith('visual.') and key != 'visual.proj':
+            key = key.removeprefix('visual.')
+            for theirs, ours in OPEN_CLIP_NAMES:
+                key = key.replace(theirs, ours)
+            out[key] = value
+    out['cls_token'] = out.pop('class_embedding').reshape(1, 1, -1)  # (D,) -> (1, 1, D)
+    out['pos_embed'] = out['pos_embed'].unsqueeze(0)                  # (1 + P, D) -> (1, 1 + P, D)
+    return out
 
 
 def open_checkpoint(source):
@@ -76,7 +104,7 @@ def open_checkpoint(source):
 def read_checkpoint(source) -> dict:
     """A flat {name: tensor} from anything `open_checkpoint` takes.
 
-    Understands timm files, the official DeiT/MAE/DINO/MoCo v3 containers ('model', 'state_dict',
+    Understands timm files, OpenCLIP's, the official DeiT/MAE/DINO/MoCo v3 containers ('model', 'state_dict',
     'module.' and 'base_encoder.' prefixes), the paper's training checkpoints and this project's.
     """
     sd = open_checkpoint(source)
@@ -84,6 +112,8 @@ def read_checkpoint(source) -> dict:
         if isinstance(sd.get(key), dict):
             sd = sd[key]
     sd = {k.removeprefix('module.'): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if 'visual.class_embedding' in sd:  # OpenCLIP's release (the paper's CLIP weights)
+        sd = from_open_clip(sd)
     # the paper's code names the learned parts of a reduction after the method; here they are `reducers`
     sd = {re.sub(r'^(cluster_layers|score_predictor)\.', 'reducers.', k): v for k, v in sd.items()}
     if any(k.startswith('base_encoder.') for k in sd):  # MoCo v3: keep the online encoder only

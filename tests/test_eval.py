@@ -103,9 +103,11 @@ def test_visualize_writes_a_png_grid(tmp_path):
     png = Image.open(tmp_path / 'kept.png')
     assert png.format == 'PNG'
     # columns: image + 3 locations; 6 images; 32 px scaled up 4x so that an 8-px patch is 32 screen pixels
-    assert png.size == (4 * (128 + 2) + 2, 6 * (128 + 2) + 2)
+    assert png.size == (4 * (128 + 2) + 2, explain.HEADING + 6 * (128 + 2) + 2)
     pixels = pil_to_tensor(png.convert('RGB'))  # (3, H, W)
     assert (pixels == torch.tensor([0, 255, 255]).view(3, 1, 1)).all(0).sum() > 100  # the evidence outlines, in cyan
+    heading = pixels[:, :explain.HEADING].sum(0) < 3 * 128  # dark text on white, above every column
+    assert all(heading[:, c * 130:(c + 1) * 130].sum() > 20 for c in range(4))
 
 
 def test_evaluate_counts_top1_and_top5():
@@ -181,8 +183,50 @@ def test_sweep_groups_checkpoints_that_differ_only_in_seed_and_plots_them(tmp_pa
     svg = ElementTree.parse(tmp_path / 'acc.svg').getroot()  # well-formed XML
     ns = '{http://www.w3.org/2000/svg}'
     assert svg.tag == ns + 'svg'
-    assert len(list(svg.iter(ns + 'line'))) == 3     # one error bar per row
+    bars = [e for e in svg.iter(ns + 'line') if e.get('stroke') != GRID]
+    assert len(bars) == 3                                 # one error bar per row
     assert len(list(svg.iter(ns + 'polygon'))) == 3 + 1  # a marker per row, and the legend's CLCA marker
+    line, = svg.iter(ns + 'polyline')                    # all three rows are EViT + CLCA: one line joins them
+    assert len(line.get('points').split()) == 3
+
+
+GRID = '#e4e4e4'  # the plot's gridlines
+
+
+def test_plot_reads_like_a_figure_round_ticks_and_labels_that_do_not_overlap(tmp_path):
+    assert evaluation.nice_ticks(0.062, 0.254) == [0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
+    assert evaluation.nice_ticks(46.4, 75.2) == [45, 50, 55, 60, 65, 70, 75, 80]
+    row = lambda keep, gmacs, mean, clca: dict(method='evit', keep=keep, clc=clca, cla=clca, gmacs=gmacs, mean=mean,
+                                              std=1.0, seeds=3)
+    rows = [row('0.1', 0.074, 64.6, False), row('0.25', 0.076, 64.7, False), row('0.5', 0.111, 65.4, False),
+            row('0.1', 0.095, 72.7, True)]  # the first two points nearly coincide
+    evaluation.plot(rows, tmp_path / 'p.svg')
+    svg = ElementTree.parse(tmp_path / 'p.svg').getroot()
+    ns = '{http://www.w3.org/2000/svg}'
+    texts = list(svg.iter(ns + 'text'))
+    assert 'Test top-1 against cost' in texts[0].text and '3 seeds' in texts[0].text
+    labels = [(float(t.get('x')), float(t.get('y')), len(t.text)) for t in texts if t.get('fill')]  # keep rates
+    assert len(labels) == 4
+    boxes = [(x, y - 11, x + 7 * n, y) for x, y, n in labels]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+    assert len(list(svg.iter(ns + 'polyline'))) == 1  # base joins three keep rates; CLCA has one point
+    assert sum(e.get('stroke') == GRID for e in svg.iter(ns + 'line')) >= 10  # light gridlines
+
+
+def test_plot_redraws_a_table_the_sweep_printed(tmp_path, capsys):
+    (tmp_path / 'runs.md').write_text('Some text.\n\n| run | method | keep | CLC | CLA | GMACs | seeds | top-1 |\n'
+                                      '|---|---|---|---|---|---|---|---|\n'
+                                      '| a | evit | 0.1 | on | on | 0.095 | 6 | **72.7 ± 1.4 %** |\n'
+                                      '| b | none | 1 | off | off | 0.204 | 1 | 66.6 |\n\nMore text.\n')
+    rows = evaluation.main(['--table', str(tmp_path / 'runs.md'), '--plot', str(tmp_path / 'p.svg')])
+    assert rows == [dict(method='evit', keep='0.1', clc=True, cla=True, gmacs=0.095, mean=72.7, std=1.4, seeds=6),
+                    dict(method='none', keep='1', clc=False, cla=False, gmacs=0.204, mean=66.6, std=0.0, seeds=1)]
+    assert ElementTree.parse(tmp_path / 'p.svg').getroot() is not None
+    (tmp_path / 'none.md').write_text('| a | b |\n|---|---|\n')
+    with pytest.raises(SystemExit, match='has no table with the columns method'):
+        evaluation.main(['--table', str(tmp_path / 'none.md'), '--plot', str(tmp_path / 'p.svg')])
 
 
 def test_sweep_reads_finished_runs_from_their_own_folders(tmp_path, capsys, monkeypatch):
@@ -217,5 +261,7 @@ def test_sweep_reads_finished_runs_from_their_own_folders(tmp_path, capsys, monk
 
 
 def test_plot_needs_a_sweep_over_checkpoints(tmp_path):
-    with pytest.raises(SystemExit, match='--plot FILE.svg goes with --sweep --checkpoints'):
+    with pytest.raises(SystemExit, match='--plot FILE.svg goes with --sweep --checkpoints, or with --table'):
         evaluation.main(['--sweep', '--plot', str(tmp_path / 'x.svg')])
+    with pytest.raises(SystemExit, match='--table FILE.md goes with --plot'):
+        evaluation.main(['--table', str(tmp_path / 'x.md')])

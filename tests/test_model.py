@@ -1,13 +1,8 @@
-import argparse
-import sys
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import toy, trace
 from model import ModelConfig, create_model, gmacs
-from weights import CheckpointError, load_weights, pretrained_url, read_checkpoint
 
 IMAGES = lambda n=2: torch.randn(n, 3, 32, 32)
 
@@ -141,63 +136,6 @@ def test_a_training_step_reaches_every_trainable_parameter(family, method):
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-def timm_state_dict(backbone, img_size, num_classes=1000):
-    """A state dict shaped like timm's file for `backbone` at `img_size`, with random values."""
-    src = create_model(backbone, num_classes, img_size=img_size, embed_dim=48, num_heads=3, depth=2, loc=())
-    return {k: torch.randn_like(v) for k, v in src.state_dict().items()}
-
-
-def test_a_224_timm_checkpoint_loads_into_a_448_clca_model(capsys):
-    sd = timm_state_dict('vit_tiny_patch16_224', 224)
-    model = create_model('vit_tiny_patch16_224', 7, img_size=448, method='evit', keep=0.1, clc=True, cla=True,
-                         embed_dim=48, num_heads=3, depth=2, loc=(0,))
-    own_clr_rows = model.pos_embed[:, 1 + 784:].detach().clone()
-    missing, unexpected = load_weights(model, sd)
-    assert all(k.startswith('ifa_head.') for k in missing) and 'blocks.1.mlp.fc2.weight' not in missing
-    assert sorted(unexpected) == ['norm.bias', 'norm.weight']  # a CLA model has no final LayerNorm
-    assert 'dropped head.weight' in capsys.readouterr().out
-    pos = model.pos_embed.detach()
-    assert torch.equal(pos[:, :1], sd['pos_embed'][:, :1])  # CLS row copied as is
-    grid = sd['pos_embed'][:, 1:].reshape(1, 14, 14, 48).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(28, 28), mode='bicubic', antialias=True, align_corners=False)
-    torch.testing.assert_close(pos[:, 1:785], grid.permute(0, 2, 3, 1).reshape(1, 784, 48))
-    assert torch.equal(pos[:, 785:], own_clr_rows)  # new CLR position rows keep their init
-    assert torch.equal(model.clr.detach(), sd['cls_token'])  # CLR starts as the loaded CLS
-    assert torch.equal(model.blocks[1].mlp.fc2.weight.detach(), sd['blocks.1.mlp.fc2.weight'])
-
-
-def test_official_containers_and_prefixes_are_unwrapped(tmp_path):
-    sd = timm_state_dict('deit3_small_patch16_224', 32)
-    moco = {'state_dict': {f'module.base_encoder.{k}': v for k, v in sd.items()}
-            | {'module.momentum_encoder.cls_token': torch.zeros(1)}, 'epoch': 300}
-    torch.save(moco, tmp_path / 'moco.pth.tar')
-    assert read_checkpoint(tmp_path / 'moco.pth.tar').keys() == sd.keys()
-    model = create_model('deit3_small_patch16_224', 1000, img_size=64, embed_dim=48, num_heads=3, depth=2, loc=())
-    assert load_weights(model, str(tmp_path / 'moco.pth.tar'), verbose=False) == ([], [])
-    torch.testing.assert_close(model.blocks[0].ls1.gamma.detach(), sd['blocks.0.ls1.gamma'])
-
-
-def test_bad_checkpoints_are_refused_with_a_clear_message(tmp_path, monkeypatch):
-    model = toy(depth=2, loc=(0,))
-    with pytest.raises(ValueError, match='does not fit this model'):
-        load_weights(model, timm_state_dict('vit_small_patch8_224', 32) | {
-            'blocks.0.attn.qkv.weight': torch.zeros(12, 48)})
-    with pytest.raises(ValueError, match='no square grid'):  # a DeiT-3 file into a class-embedded ViT
-        load_weights(model, timm_state_dict('deit3_small_patch16_224', 224))
-    with pytest.raises(CheckpointError, match='checkpoint not found'):
-        load_weights(model, tmp_path / 'nope.pth')
-    torch.save({'model': {}, 'cfg': argparse.ArgumentParser}, tmp_path / 'evil.pth')
-    with pytest.raises(ValueError, match='holds a argparse.ArgumentParser object.*refusing it'):
-        load_weights(model, tmp_path / 'evil.pth')
-    (tmp_path / 'noise.pth').write_bytes(torch.randint(0, 256, (1000,), dtype=torch.uint8).numpy().tobytes())
-    with pytest.raises(CheckpointError, match='noise.pth is not a PyTorch checkpoint'):
-        load_weights(model, tmp_path / 'noise.pth')
-    (tmp_path / 'w.safetensors').write_bytes(b'')
-    monkeypatch.setitem(sys.modules, 'safetensors', None)
-    with pytest.raises(ImportError, match='pip install safetensors'):
-        load_weights(model, tmp_path / 'w.safetensors')
-
-
 PAPER_GMACS = [  # the paper's cost of ViT-B/16 + EViT at loc (3, 6, 9), in GMACs: (size, keep, base, CLCA)
     (448, 1.0, 78.49, 79.48), (448, 0.7, 50.16, 50.85), (448, 0.5, 38.20, 38.76), (448, 0.25, 28.55, 28.98),
     (448, 0.1, 24.79, 25.17), (224, 1.0, 17.56, 18.36), (224, 0.1, 5.63, 5.96),
@@ -214,22 +152,3 @@ def test_gmacs_reproduce_the_paper_table(size, keep, base, clca):
 
 def test_config_keeps_a_single_rate_as_a_tuple():
     assert ModelConfig(keep=0.5).keep == (0.5,) and ModelConfig(keep=[0.5, 0.4, 0.3]).keep == (0.5, 0.4, 0.3)
-
-
-def test_pretrained_tags_point_at_timm_files():
-    assert pretrained_url('deit_base_patch16_224.fb_in1k') == \
-        'https://huggingface.co/timm/deit_base_patch16_224.fb_in1k/resolve/main/pytorch_model.bin'
-    with pytest.raises(CheckpointError, match='no pretrained tag'):
-        pretrained_url('deit_base_patch16_224')
-
-
-@pytest.mark.parametrize('method,prefix', [('patchmerger', 'cluster_layers'), ('sit', 'cluster_layers'),
-                                           ('dpcknn', 'cluster_layers'), ('dynamicvit', 'score_predictor')])
-def test_official_names_of_learned_reductions_load(method, prefix):
-    src = toy(method=method, keep=0.25, clc=True, cla=True)
-    sd = {k.replace('reducers.', f'{prefix}.'): torch.randn_like(v) if v.is_floating_point() else v
-          for k, v in src.state_dict().items()}
-    model = toy(method=method, keep=0.25, clc=True, cla=True)
-    assert load_weights(model, {'model': sd}, verbose=False) == ([], [])
-    torch.testing.assert_close(model.reducers[1].state_dict(), {k.split('.', 2)[2]: v for k, v in sd.items()
-                                                                if k.startswith(f'{prefix}.1.')})

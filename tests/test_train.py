@@ -120,7 +120,7 @@ def test_flags_are_checked_at_parse_time(argv, match, capsys):
 def test_defaults_are_the_paper_recipe_for_real_data():
     args = train.parse_args(['--dataset', 'soyageing'])
     assert (args.backbone, args.img_size, args.method, args.keep, args.loc, args.clc, args.cla) == \
-        ('vit_base_patch16_224.orig_in21k', 448, 'evit', [0.1], [3, 6, 9], True, True)
+        ('vit_base_patch16_clip_224.laion2b', 448, 'evit', [0.1], [3, 6, 9], True, True)
     assert (args.lr, args.weight_decay, args.batch_size, args.epochs, args.min_lr, args.warmup_lr) == \
         (1e-4, 0.05, 32, 50, 1e-5, 1e-6)
     lrs = [train.lr_at(e, args) for e in range(50)]

@@ -1,0 +1,96 @@
+"""Docs that cannot rot: every command README.md and docs/*.md show parses with its script's own argument
+parser, the flags in their tables' `flags` columns are train.py flags, and every repository path they name
+exists (with the function, for `file.py:name`)."""
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as evaluation
+import explain
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]
+PARSERS = {'train.py': train.parse_args, 'eval.py': evaluation.parse_args, 'explain.py': explain.parse_args}
+# the shell variables the docs' loops use, and a value each could take
+VARIABLES = {'seed': '4'}
+
+
+def shell_lines(text: str) -> list:
+    """The lines of every ``` block (continued lines joined, comments cut) and every `inline` code span."""
+    lines = []
+    for block in re.findall(r'```[a-z]*\n(.*?)```', text, re.S):
+        lines += [re.sub(r'(^|\s)#.*', '', line) for line in block.replace('\\\n', ' ').splitlines()]
+    spans = re.findall(r'(?<!`)`([^`]+)`(?!`)', re.sub(r'```.*?```', '', text, flags=re.S))
+    lines += [span.replace('\n', ' ') for span in spans]  # a span may wrap onto the next line
+    return lines
+
+
+def commands(text: str) -> list:
+    """(script, argv) for every `python SCRIPT ...` or `torchrun ... SCRIPT ...` of ours in `text`."""
+    found = []
+    for line in shell_lines(text):
+        for part in re.split(r'&&|;|\|', line):
+            words = shlex.split(re.sub(r'\$\{?(\w+)\}?', lambda m: VARIABLES[m[1]], part))
+            starts = [i for i, w in enumerate(words) if w in PARSERS and {'python', 'torchrun'} & set(words[:i])]
+            if starts:
+                found.append((words[starts[0]], words[starts[0] + 1:]))
+    return found
+
+
+def flag_cells(text: str) -> list:
+    """The cells of every table column headed `flags`: train.py flags, one run each."""
+    cells, column = [], None
+    for line in text.splitlines():
+        row = [c.strip() for c in line.strip().strip('|').split('|')] if line.startswith('|') else None
+        if row is None:
+            column = None
+        elif column is None and 'flags' in row:
+            column = row.index('flags')
+        elif column is not None and not set(line) <= set('|-: ') and row[column]:
+            cells.append(row[column].strip('`'))
+    return cells
+
+
+@pytest.mark.parametrize('doc', DOCS, ids=lambda p: p.name)
+def test_every_command_in_the_docs_parses(doc, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)  # commands for a GPU parse here too
+    text = doc.read_text()
+    runs = commands(text) + [('train.py', shlex.split(cell)) for cell in flag_cells(text)]
+    assert runs or doc.name != 'README.md'
+    for script, argv in runs:
+        try:
+            PARSERS[script](argv)
+        except SystemExit as e:
+            pytest.fail(f'{doc.name}: python {script} {" ".join(argv)}: {capsys.readouterr().err.strip()} ({e})')
+
+
+def defines(path: Path, name: str) -> bool:
+    """Whether `path` defines `name`: a function, a class or a top-level name, or `Class.member` inside a class."""
+    source = path.read_text()
+    owner, _, member = name.rpartition('.')
+    if owner and not re.search(rf'^class {owner}\b', source, re.M):
+        return False
+    return bool(re.search(rf'^\s*(def|class) {member}\b|^{member} *=|^\s+{member}: ', source, re.M))
+
+
+@pytest.mark.parametrize('doc', DOCS, ids=lambda p: p.name)
+def test_every_repository_path_in_the_docs_exists(doc):
+    pattern = r'(?<![\w/.-])((?:tests|docs|figures|\.ci)/[\w./-]*\w|[\w-]+\.(?:py|md))(?::([\w.]+))?'
+    for path, name in re.findall(pattern, doc.read_text()):
+        assert (ROOT / path).exists(), f'{doc.name} names {path}, which does not exist'
+        if name:
+            assert defines(ROOT / path, name), f'{doc.name} names {path}:{name}, which {path} does not define'
+
+
+def test_the_docs_checks_catch_a_renamed_flag_and_a_missing_path(tmp_path):
+    text = ('```bash\nfor seed in 4 5; do python train.py --keep 0.1 \\\n  --seed $seed; done  # a comment\n```\n'
+            'and `python eval.py --cost`')
+    assert commands(text) == [('train.py', ['--keep', '0.1', '--seed', '4']), ('eval.py', ['--cost'])]
+    with pytest.raises(SystemExit):
+        train.parse_args(['--keep-rate', '0.1'])  # what a renamed flag looks like to the parser
+    assert flag_cells('| run | flags |\n|---|---|\n| a | `--method tome` |\n\nnot a row') == ['--method tome']
+    assert defines(ROOT / 'model.py', 'ViT.forward') and not defines(ROOT / 'model.py', 'ViT.fly')
