@@ -9,15 +9,21 @@
   has learnt to look at the outline, not at the cultivars' spots, as an ImageNet ViT's has.
 """
 import csv
+import hashlib
+import json
 import math
+import os
+import re
 import zlib
 from pathlib import Path
 
+import PIL
 import torch
 import torchvision.transforms as T
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import to_pil_image
+from tqdm import tqdm
 
 from model import IMAGENET_MEAN, IMAGENET_STD
 
@@ -35,37 +41,94 @@ class DatasetError(ValueError):
 AUGMENTATIONS = ('weak', 'trivial')
 
 
-def transforms(img_size: int, augment, mean, std):
-    """The paper's pipeline: square resize to S/0.875 (aspect ratio not kept, as in the reference),
-    then a centre crop (`augment` None: evaluation) or a random crop and flip ('weak', the paper's
-    published command line), followed by TrivialAugmentWide for 'trivial' (the paper's configs for
-    its two smallest datasets, Cotton and SoyLocal)."""
+def resize(img_size: int) -> T.Resize:
+    """The deterministic half of the paper's transforms: a square bicubic resize to S/0.875 (448 -> 512),
+    aspect ratio not kept, as in the reference."""
+    big = int(img_size / 0.875)
+    return T.Resize((big, big), interpolation=T.InterpolationMode.BICUBIC)
+
+
+def transforms(img_size: int, augment, mean, std, resized: bool = False):
+    """The paper's pipeline: `resize`, then a centre crop (`augment` None: evaluation) or a random crop and
+    flip ('weak', the paper's published command line), followed by TrivialAugmentWide for 'trivial' (one of
+    the paper's configs for its two smallest datasets, Cotton and SoyLocal). `resized`: the input is already
+    resized, a uint8 tensor (3, S/0.875, S/0.875) from `resize_once`; the same random draws give the same pixels."""
     if augment not in (None, *AUGMENTATIONS):
         raise ValueError(f'unknown augmentation {augment!r}: choose one of {", ".join(AUGMENTATIONS)}')
-    big = int(img_size / 0.875)  # 448 -> 512
     crop = [T.RandomCrop(img_size), T.RandomHorizontalFlip()] if augment else [T.CenterCrop(img_size)]
     crop += [T.TrivialAugmentWide()] if augment == 'trivial' else []
-    return T.Compose([T.Resize((big, big), interpolation=T.InterpolationMode.BICUBIC), *crop,
-                      T.ToTensor(), T.Normalize(mean, std)])
+    if resized:  # the same arithmetic as ToTensor and Normalize, in place: one new tensor per image, not three
+        return T.Compose([*crop, T.Lambda(to_unit), T.Normalize(mean, std, inplace=True)])
+    return T.Compose([resize(img_size), *crop, T.ToTensor(), T.Normalize(mean, std)])
+
+
+def to_unit(image: torch.Tensor) -> torch.Tensor:
+    """uint8 (3, H, W) -> float32 in [0, 1], divided by 255 as ToTensor divides."""
+    return image.to(torch.float32).div_(255)
+
+
+def read_image(path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return img.convert('RGB')
+    except (OSError, ValueError) as e:
+        raise DatasetError(f'cannot read image {path}: {e}') from None
 
 
 class ImageList(Dataset):
-    """(image path, 0-based label) pairs, read with PIL and converted to RGB."""
+    """(image path, 0-based label) pairs, read with PIL and converted to RGB; or, with `resized` (a file
+    from `resize_once`), the same images already resized, memory-mapped from that file."""
 
-    def __init__(self, samples, num_classes, transform):
-        self.samples, self.num_classes, self.transform = samples, num_classes, transform
+    def __init__(self, samples, num_classes, transform, resized=None):
+        self.samples, self.num_classes, self.transform, self.resized = samples, num_classes, transform, resized
+        self.pixels = None  # the mapped file, (N, 3, side, side) uint8, opened on first use in each process
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
-        path, label = self.samples[i]
-        try:
-            with Image.open(path) as img:
-                img = img.convert('RGB')
-        except (OSError, ValueError) as e:
-            raise DatasetError(f'cannot read image {path}: {e}') from None
-        return self.transform(img), label
+        if self.resized is None:
+            return self.transform(read_image(self.samples[i][0])), self.samples[i][1]
+        if self.pixels is None:
+            side = int(re.match(r'(\d+)px', self.resized.name)[1])
+            self.pixels = torch.from_file(str(self.resized), size=len(self) * side * side * 3, dtype=torch.uint8)
+            self.pixels = self.pixels.view(len(self), 3, side, side)
+        return self.transform(self.pixels[i]), self.samples[i][1]
+
+    def __getstate__(self):  # a worker process maps the file itself
+        return {**self.__dict__, 'pixels': None}
+
+
+def resize_once(dataset: ImageList, img_size: int, workers: int) -> Path:
+    """Decode and `resize` every image of `dataset` once into one uint8 file (N, 3, side, side) in a `.resized`
+    folder beside the images, and return its path; an epoch then only crops, flips and normalises. The file's
+    name holds a hash of everything its pixels depend on: each image's path, size in bytes and modification
+    time, the side and PIL's version. A changed image, dataset or size gets a new file, never stale pixels."""
+    side = int(img_size / 0.875)
+    try:
+        stamps = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p, _ in dataset.samples]
+    except OSError as e:
+        raise DatasetError(f'cannot read image {e.filename}: {e.strerror}') from None
+    key = hashlib.sha256(json.dumps([stamps, side, PIL.__version__]).encode()).hexdigest()[:16]
+    path = Path(os.path.commonpath([p.parent for p, _ in dataset.samples])) / '.resized' / f'{side}px-{key}.u8'
+    if path.exists():
+        return path
+    try:
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')  # renamed when complete: no half-written file is used
+        out = torch.from_file(str(tmp), shared=True, size=len(dataset) * side * side * 3, dtype=torch.uint8)
+    except OSError as e:
+        raise DatasetError(f'cannot write the resized images to {path.parent} ({e.strerror}): make it writable, '
+                           'or train with --no-cache') from None
+    out = out.view(len(dataset), 3, side, side)
+    plain = ImageList(dataset.samples, dataset.num_classes, T.Compose([resize(img_size), T.PILToTensor()]))
+    done = 0
+    for images, _ in tqdm(DataLoader(plain, 32, num_workers=workers), desc=f'resizing {len(dataset)} images once'):
+        out[done:done + len(images)] = images  # (B, 3, side, side)
+        done += len(images)
+    del out
+    os.replace(tmp, path)
+    return path
 
 
 def find_samples(root: Path, split: str, image_dir: str = 'images'):
@@ -110,9 +173,12 @@ def _label(text, where) -> int:
         raise DatasetError(f'{where}: label {text!r} is not an integer') from None
 
 
-def build_dataset(name: str, split: str, img_size: int, data_dir=None, mean=None, std=None, augment=None):
+def build_dataset(name: str, split: str, img_size: int, data_dir=None, mean=None, std=None, augment=None,
+                  cache_workers=None):
     """Returns (dataset, num_classes). `mean`/`std` default to ImageNet's (the reference's choice);
-    `augment` is None (no augmentation) or one of AUGMENTATIONS (see `transforms`)."""
+    `augment` is None (no augmentation) or one of AUGMENTATIONS (see `transforms`). With `cache_workers` (a
+    number of loader processes) images are resized once (`resize_once`), except for TrivialAugment's, which
+    stays on PIL images."""
     mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
     tf = transforms(img_size, augment, mean, std)
     if name in ('leaves', 'leaf-species'):
@@ -134,7 +200,11 @@ def build_dataset(name: str, split: str, img_size: int, data_dir=None, mean=None
     if bad:
         raise DatasetError(f'{bad[0][0]}: label {bad[0][1]} is outside 0..{num_classes - 1} '
                            f'({name} has {num_classes} classes)')
-    return ImageList(samples, num_classes, tf), num_classes
+    dataset = ImageList(samples, num_classes, tf)
+    if cache_workers is None or augment == 'trivial':
+        return dataset, num_classes
+    resized = resize_once(dataset, img_size, cache_workers)
+    return ImageList(samples, num_classes, transforms(img_size, augment, mean, std, resized=True), resized), num_classes
 
 
 # ---------------------------------------------------------------------------------------------

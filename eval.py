@@ -53,6 +53,8 @@ def parse_args(argv=None):
     a('--amp', choices=('bf16', 'fp16', 'off'), help='precision; the model is cast to it once (default: bf16 where '
       'the hardware has it, fp16 on older GPUs, off elsewhere)')
     a('--compile', action='store_true', help='time the torch.compile-d model')
+    a('--train', action='store_true', help='with --cost: time a training step (forward, backward, AdamW) under '
+      'autocast, as train.py runs it, instead of inference')
     a('--workers', type=int, help='data loading processes (default: min(8, cores) on CUDA, 0 on a CPU)')
     a('--device', choices=DEVICES, default='auto', help='auto: CUDA, else Apple MPS, else the CPU')
     return p.parse_args(argv)
@@ -120,21 +122,46 @@ def accuracy(model, dataset, args, device) -> dict:
     return evaluate(for_inference(model, args.amp, device), loader, device, autocast_args('off', device))
 
 
-@torch.inference_mode()
-def speed(model, batch: int, device, warmup: int = 3, reps: int = 10) -> float:
-    """Images per second of the model alone: synthetic input, warm-up, median over repeated runs."""
-    size, dtype = model.cfg.img_size, next(model.parameters()).dtype
-    images = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+def timed(step, batch: int, device, warmup: int = 3, reps: int = 10) -> tuple:
+    """(images/s, seconds of the warm-up) of `step()`, a batch of `batch` images: the median of `reps` timed
+    runs after `warmup` untimed ones, in which torch.compile does its work."""
     times = []
     for _ in range(warmup + reps):
         if device.type == 'cuda':
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        model(images)
+        step()
         if device.type == 'cuda':
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return batch / statistics.median(times[warmup:])
+    return batch / statistics.median(times[warmup:]), sum(times[:warmup])
+
+
+def inference_step(model, batch: int, device):
+    """One forward of the model alone, on synthetic images in the weights' dtype."""
+    size, dtype = model.cfg.img_size, next(model.parameters()).dtype
+    images = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+    return torch.inference_mode()(lambda: model(images))
+
+
+def training_step(model, net, batch: int, device, amp: str):
+    """One training step of the model alone, as train.py takes it: synthetic images and labels, forward under
+    autocast, backward (through the gradient scaler for fp16) and an AdamW step. `net` runs the forward (the
+    compiled model, or the model itself)."""
+    size = model.cfg.img_size
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(model.cfg.num_classes, (batch,), device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
+
+    def step():
+        with torch.autocast(**autocast_args(amp, device)):
+            loss = net(images, labels)[1]
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return step
 
 
 def tokens_per_stage(cfg) -> str:
@@ -154,18 +181,24 @@ def tokens_per_stage(cfg) -> str:
 
 
 def cost(model, args, device) -> dict:
-    """Parameters (millions), GMACs, images/s and peak memory (MiB) of a model."""
+    """Parameters (millions), GMACs, images/s, seconds of warm-up (compiling, with --compile) and peak memory
+    (MiB) of a model: of inference, cast once to --amp, or with --train of a training step."""
     params = sum(p.numel() for p in model.parameters()) / 1e6
     macs = gmacs(model)
-    model = for_inference(model, args.amp, device)
+    model = model.to(device).train() if args.train else for_inference(model, args.amp, device)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     if args.compile:  # dynamo keys its cache by code: after 8 models of one class, it would run the rest eager
         torch._dynamo.reset()
-    ips = speed(torch.compile(model) if args.compile else model, args.batch_size, device)
+    net = torch.compile(model) if args.compile else model
+    if args.train:
+        step = training_step(model, net, args.batch_size, device, args.amp)
+    else:
+        step = inference_step(net, args.batch_size, device)
+    ips, warmup = timed(step, args.batch_size, device)
     peak = (torch.cuda.max_memory_allocated() if device.type == 'cuda'
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
-    return dict(params_M=params, GMACs=macs, images_per_s=ips, peak_MiB=peak)
+    return dict(params_M=params, GMACs=macs, images_per_s=ips, warmup_s=warmup, peak_MiB=peak)
 
 
 # what a checkpoint's saved args may differ in and still be a repeat of the same run
@@ -342,8 +375,9 @@ def main(argv=None):
               f'precision {args.amp} on {device.type}')
         if args.cost:
             c = cost(model, args, device)
-            print(f"{c['params_M']:.2f} M parameters, {c['GMACs']:.3f} GMACs, {c['images_per_s']:.2f} images/s "
-                  f"(batch {args.batch_size}, {device.type}, amp {args.amp}), peak memory {c['peak_MiB']:.0f} MiB"
+            print(f"{c['params_M']:.2f} M parameters, {c['GMACs']:.3f} GMACs, {c['images_per_s']:.2f} images/s of "
+                  f"{'training' if args.train else 'inference'} (batch {args.batch_size}, {device.type}, amp {args.amp}, "
+                  f"compile {args.compile}, warm-up {c['warmup_s']:.1f} s), peak memory {c['peak_MiB']:.0f} MiB"
                   + (' (process RSS)' if device.type == 'cpu' else ''))
         else:
             res = accuracy(model, eval_split(args, model, raw), args, device)

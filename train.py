@@ -42,7 +42,7 @@ CLCA = dict(method='evit', keep=[0.1], loc=[3, 6, 9], clc=True, cla=True, num_cl
 MODEL_FLAGS = tuple(CLCA)  # the ModelConfig fields a flag can set, besides the backbone and image size
 DEVICES = ('auto', 'cuda', 'mps', 'cpu')
 # what may change when a run resumes on another machine: nothing that changes the math but the precision
-RESUME_FLAGS = ('--resume', '--amp', '--compile', '--no-compile', '--workers', '--device')
+RESUME_FLAGS = ('--resume', '--amp', '--compile', '--no-compile', '--workers', '--cache', '--no-cache', '--device')
 
 
 def add_model_flags(p):
@@ -91,13 +91,19 @@ def runtime_defaults(args, device: torch.device, train_width: int = 0):
       1.1x slower in bf16, ViT-S 1.3x and ViT-B 1.7x faster). fp16 with loss scaling on older GPUs, fp32
       elsewhere (MPS included).
     - Compile: on CUDA, except for ATS, whose image-dependent token counts recompile the graph.
-    - Workers: loading runs beside the model on a GPU; on a CPU or MPS the main process does it."""
+    - Workers: loading runs beside the model on a GPU, on this node's cores split over its processes; on a CPU
+      or MPS the main process does it, and the model keeps the cores.
+    - Cache: on CUDA every image is resized once and kept on disk (data.resize_once), so that the workers
+      keep up with the GPU; the same pixels either way."""
     cuda = device.type == 'cuda'
     if args.amp is None:
         narrow = device.type == 'cpu' and 0 < train_width < 384
         args.amp = 'bf16' if native_bf16(device) and not narrow else 'fp16' if cuda else 'off'
     args.compile = cuda and getattr(args, 'method', None) != 'ats' if args.compile is None else args.compile
-    args.workers = (min(8, os.cpu_count() or 1) if cuda else 0) if args.workers is None else args.workers
+    if args.workers is None:
+        args.workers = max(1, (os.cpu_count() or 1) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))) if cuda else 0
+    if hasattr(args, 'cache') and args.cache is None:
+        args.cache = cuda
 
 
 def autocast_args(amp: str, device: torch.device) -> dict:
@@ -137,8 +143,10 @@ def parse_args(argv=None):
     a('--amp', choices=('bf16', 'fp16', 'off'), help='mixed precision (default: bf16 where the hardware has '
       'it, fp16 on older GPUs, off elsewhere; README: Speed)')
     a('--compile', action=argparse.BooleanOptionalAction, help='torch.compile (default on for CUDA, except ATS)')
-    a('--workers', type=int, help='data loading processes per process (default: 8 or the core count on '
-      'CUDA, 0 on a CPU or MPS, where the main process loads)')
+    a('--workers', type=int, help="data loading processes per process (default: on CUDA this node's cores split "
+      'over its processes, on a CPU or MPS 0: the main process loads)')
+    a('--cache', action=argparse.BooleanOptionalAction, help='resize every image once and keep it on disk beside '
+      'the images, so an epoch only crops, flips and normalises: the same pixels, faster (default on for CUDA)')
     a('--device', choices=DEVICES, default='auto', help='auto: CUDA, else Apple MPS, else the CPU')
     a('--seed', type=int, default=1, help='seed: the same seed gives the same run on a CPU')
     a('--out', help='output folder (default runs/<dataset>, numbered if taken)')
@@ -285,7 +293,7 @@ def train(args):
         # compile, workers and device are this machine's
         ckpt['args'].setdefault('schedule', 'epoch')  # runs saved before --schedule existed
         machine = dict(amp=args.amp or ckpt['args']['amp'], compile=args.compile, workers=args.workers,
-                       device=args.device, resume=args.resume)
+                       cache=args.cache, device=args.device, resume=args.resume)
         args = argparse.Namespace(**{**ckpt['args'], **machine})
     runtime_defaults(args, device, backbone_config(args.backbone, **model_fields(args)).embed_dim)
     amp = autocast_args(args.amp, device)
@@ -295,11 +303,16 @@ def train(args):
         pretrained = demo_backbone(args, world) if args.dataset == 'leaves' else pretrained_url(args.backbone)
     torch.manual_seed(args.seed)
 
-    # 1. data: ImageNet statistics by default, as the paper's code does for every backbone
+    # 1. data: ImageNet statistics by default, as the paper's code does for every backbone. Under torchrun rank 0
+    # resizes the images (and downloads the weights, below) first; the others then read its files
+    if rank:
+        dist.barrier()
     stats = backbone_config(args.backbone) if args.norm == 'backbone' else None
     mean, std = (stats.mean, stats.std) if stats else (None, None)
-    train_set, num_classes = build_dataset(args.dataset, 'train', args.img_size, args.data_dir, mean, std, args.aug)
-    test_set, _ = build_dataset(args.dataset, 'test', args.img_size, args.data_dir, mean, std)
+    cache = args.workers if args.cache else None
+    train_set, num_classes = build_dataset(args.dataset, 'train', args.img_size, args.data_dir, mean, std, args.aug,
+                                           cache)
+    test_set, _ = build_dataset(args.dataset, 'test', args.img_size, args.data_dir, mean, std, cache_workers=cache)
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed, drop_last=True)
     loader_gen = torch.Generator()
     kw = dict(num_workers=args.workers, pin_memory=device.type == 'cuda')
@@ -312,12 +325,11 @@ def train(args):
     # 2. model, optimizer, mixed precision
     model = ViT(backbone_config(args.backbone, num_classes=num_classes, **model_fields(args)))
     if pretrained != 'none' and ckpt is None:
-        if rank:  # rank 0 downloads first, the others then read its cached file
-            dist.barrier()
         load_weights(model, pretrained, verbose=rank == 0)
-        if world > 1 and rank == 0:
-            dist.barrier()
-    if world > 1 and device.type == 'cuda':  # the CLA head's BatchNorm sees the global batch, as on one GPU
+    if world > 1 and rank == 0:
+        dist.barrier()
+    distributed = dist.is_initialized()  # launched by torchrun, on 1 process or more
+    if distributed and device.type == 'cuda':  # the CLA head's BatchNorm sees the global batch, as on one GPU
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
@@ -329,13 +341,16 @@ def train(args):
         scaler.load_state_dict(ckpt['scaler'])
         start = ckpt['epoch']
     net = torch.compile(model) if args.compile else model
-    net = DDP(net, device_ids=[device.index] if device.type == 'cuda' else None) if world > 1 else net
+    net = DDP(net, device_ids=[device.index] if device.type == 'cuda' else None) if distributed else net
 
     run_dir = Path(args.resume).parent if args.resume else out_dir(args) if rank == 0 else None
     if world > 1:  # rank 0 names the folder: the others would number theirs on their own
         shared = [run_dir]
         dist.broadcast_object_list(shared, src=0)
         run_dir = shared[0]
+    where = f'{device} x{world}'
+    if distributed:
+        where += f' ({dist.get_backend()}, SyncBatchNorm)' if device.type == 'cuda' else f' ({dist.get_backend()})'
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         if ckpt is not None and (run_dir / 'log.jsonl').exists():
@@ -343,8 +358,8 @@ def train(args):
             (run_dir / 'log.jsonl').write_text(''.join(l + '\n' for l in lines if json.loads(l)['epoch'] <= start))
         (run_dir / 'config.json').write_text(json.dumps({**vars(args), 'model': vars(model.cfg)}, indent=2) + '\n')
         say(f'{args.dataset}: {len(train_set)} train / {len(test_set)} test images, {num_classes} classes; '
-            f'{args.backbone} {args.method} keep {args.keep} clc={args.clc} cla={args.cla} on {device} '
-            f'x{world}, precision {args.amp} ({how}), compile {args.compile}; writing to {run_dir}')
+            f'{args.backbone} {args.method} keep {args.keep} clc={args.clc} cla={args.cla} on {where}, '
+            f'precision {args.amp} ({how}), compile {args.compile}; writing to {run_dir}')
 
     # 3. the loop: train an epoch, evaluate, log, checkpoint
     metrics = {}
@@ -403,7 +418,7 @@ def train(args):
             say(f"epoch {epoch + 1:3d}/{args.epochs}  loss {metrics['train_loss']:.3f}  "
                 f"train {metrics['train_top1']:5.1f}%  test {metrics['top1']:5.1f}% (top-5 {metrics['top5']:5.1f}%)  "
                 f"lr {lr:.1e}  {metrics['images_per_s']:.0f} img/s  {elapsed:.0f} s")
-    if world > 1:
+    if distributed:
         dist.destroy_process_group()
     return metrics
 

@@ -6,6 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
+from torch.utils.data import DataLoader
+
 from data import PALETTE, DatasetError, Leaves, build_dataset, transforms
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,3 +128,45 @@ def test_transforms_follow_the_paper():
     assert trivial(img).shape == (3, 448, 448)
     with pytest.raises(ValueError, match='unknown augmentation'):
         transforms(448, 'strong', (0, 0, 0), (1, 1, 1))
+
+
+def photo(path: Path, size, mode='RGB', seed=0):
+    """A noisy image, so that a resize or a crop one pixel off shows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    Image.frombytes('RGB', size, pixels.numpy().tobytes()).convert(mode).save(path)
+    return path
+
+
+def test_resizing_once_gives_the_same_batches_bit_for_bit(tmp_path):
+    for k, (size, mode, suffix) in enumerate([((90, 70), 'RGB', 'png'), ((60, 100), 'L', 'jpg'), ((75, 75), 'RGBA', 'png'),
+                                              ((120, 50), 'P', 'png')]):
+        for split in ('train', 'test'):
+            photo(tmp_path / split / f'c{k % 2}' / f'{k}.{suffix}', size, mode, seed=k)
+    for split, augment in (('train', 'weak'), ('test', None)):
+        plain, _ = build_dataset('folder', split, 32, tmp_path, augment=augment)
+        cached, _ = build_dataset('folder', split, 32, tmp_path, augment=augment, cache_workers=0)
+        assert cached.resized is not None and plain.resized is None
+        for workers in (0, 2):  # the random crops and flips come from the same draws, in workers too
+            batches = []
+            for ds in (plain, cached):
+                torch.manual_seed(5)  # what the main process draws from, with no workers
+                batches.append(list(DataLoader(ds, 2, shuffle=True, num_workers=workers,
+                                               generator=torch.Generator().manual_seed(5))))
+            for (a, la), (b, lb) in zip(*batches):
+                assert torch.equal(a, b) and torch.equal(la, lb)
+    assert build_dataset('folder', 'train', 32, tmp_path, augment='trivial', cache_workers=0)[0].resized is None
+
+
+def test_the_resized_file_follows_the_images_and_the_size(tmp_path):
+    for k in range(3):
+        photo(tmp_path / 'train' / f'c{k}' / 'a.png', (40, 40), seed=k)
+    first = build_dataset('folder', 'train', 32, tmp_path, cache_workers=0)[0]
+    assert first.resized.parent == tmp_path / 'train' / '.resized' and first.resized.name.startswith('36px-')
+    assert build_dataset('folder', 'train', 32, tmp_path, cache_workers=0)[0].resized == first.resized  # reused
+    assert build_dataset('folder', 'train', 48, tmp_path, cache_workers=0)[0].resized != first.resized  # another size
+    photo(tmp_path / 'train' / 'c1' / 'a.png', (40, 40), seed=9)  # one image changes
+    changed = build_dataset('folder', 'train', 32, tmp_path, cache_workers=0)[0]
+    plain = build_dataset('folder', 'train', 32, tmp_path)[0]
+    assert changed.resized != first.resized and torch.equal(changed[1][0], plain[1][0])  # never the stale pixels
+    assert not list(changed.resized.parent.glob('*.tmp'))  # written under a temporary name, then renamed

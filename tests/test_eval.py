@@ -67,7 +67,18 @@ def test_cost_reports_gmacs_params_speed_and_memory(capsys):
 def test_cost_times_the_model_in_eval_mode(capsys):
     evaluation.main(['--cost', '--backbone', 'vit_tiny_patch8_224', '--img-size', '32', '--method', 'evit',
                      '--keep', '0.5', '--clc', '--cla', '--num-classes', '10', '--batch-size', '1'])
-    assert 'images/s (batch 1' in capsys.readouterr().out  # BatchNorm of the CLA head in training mode would fail
+    assert 'images/s of inference (batch 1' in capsys.readouterr().out  # the CLA head's BatchNorm would fail in training
+
+
+def test_cost_times_a_training_step_as_train_py_takes_it(capsys):
+    evaluation.main(['--cost', '--train', '--backbone', 'vit_tiny_patch8_224', '--img-size', '32', '--method', 'evit',
+                     '--keep', '0.5', '--clc', '--cla', '--num-classes', '10', '--batch-size', '2', '--amp', 'off'])
+    assert re.search(r'[\d.]+ images/s of training \(batch 2, cpu, amp off, compile False, warm-up [\d.]+ s\)',
+                     capsys.readouterr().out)
+    model = create_model('vit_tiny_patch8_224', 10, img_size=32, method='evit', keep=0.5, clc=True, cla=True).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    evaluation.training_step(model, model, 4, torch.device('cpu'), 'bf16')()  # forward, backward, AdamW step
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n != 'clr')
 
 
 def test_model_flags_that_contradict_a_checkpoint_are_refused(tmp_path):
@@ -124,7 +135,7 @@ def test_evaluate_counts_top1_and_top5():
 
 
 def test_sweep_compiles_every_row_afresh(capsys, monkeypatch):
-    graphs, per_row, real_speed = [], [], evaluation.speed
+    graphs, per_row, real_timed = [], [], evaluation.timed
 
     def counting_backend(gm, example_inputs):  # dynamo hands each graph it captured to the backend
         graphs.append(gm)
@@ -132,12 +143,12 @@ def test_sweep_compiles_every_row_afresh(capsys, monkeypatch):
 
     def timed(*a, **k):
         before = len(graphs)
-        result = real_speed(*a, **k)
+        result = real_timed(*a, **k)
         per_row.append(len(graphs) - before)
         return result
     real_compile = torch.compile
     monkeypatch.setattr(torch, 'compile', lambda model: real_compile(model, backend=counting_backend))
-    monkeypatch.setattr(evaluation, 'speed', timed)
+    monkeypatch.setattr(evaluation, 'timed', timed)
     monkeypatch.setattr(torch._dynamo.config, 'recompile_limit', 2)  # without a reset, row 3 on would run eager
     evaluation.main(['--sweep', '--compile', '--methods', 'none', 'evit', '--keeps', '0.5', '--backbone',
                      'vit_tiny_patch8_224', '--img-size', '32', '--batch-size', '2', '--loc', '1'])
