@@ -1,34 +1,125 @@
-"""Evaluate and measure CLCA models (explain.py looks inside them).
+"""Run CLCA models: build one from flags or a checkpoint, evaluate it, measure what it costs.
 
     python eval.py --checkpoint runs/leaves/last.pt             # top-1 / top-5 on the test split
     python eval.py --checkpoint clca.pth --dataset soyageing    # a checkpoint of the paper's code
     python eval.py --cost --method evit --keep 0.1 --clc --cla  # params, GMACs, images/s, peak memory
+    python eval.py --cost --train --method evit --keep 0.1 --clc --cla --batch-size 32   # a training step
     python eval.py --sweep --methods none evit topk --keeps 0.1 0.5 0.7   # cost table
-    python eval.py --sweep --checkpoints runs/*/last.pt --plot acc.svg    # accuracy over seeds, and a plot
-    python eval.py --sweep --checkpoints runs/*/ --plot acc.svg            # the same from the runs' own logs
+    python eval.py --sweep --checkpoints runs/*/ --plot acc.svg            # accuracy over seeds, and a plot
 
-The file reads top-down: the flags, how a model and its data are found, the four modes, then `main`.
+Also what train.py and explain.py share: the model flags, the machine's defaults, `evaluate`, one-line errors.
+Not here: what happens inside a model (explain.py).
 """
 import argparse
 import itertools
 import json
 import math
+import os
 import re
 import resource
 import statistics
-import time
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from data import DATASETS, DatasetError, build_dataset
-from model import ViT, backbone_config, gmacs
+from model import (CLCA, PAPER_BACKBONE, PAPER_SIZE, ViT, backbone_config, gmacs, inference_step, timed,
+                   tokens_per_stage, training_step)
 from reduce import METHODS
-from train import (DEVICES, PAPER, add_model_flags, autocast_args, evaluate, exit_with, model_fields, pick_device,
-                   runtime_defaults)
 from weights import CheckpointError, load_weights, model_config, num_classes_in, open_checkpoint, read_checkpoint
+
+DEVICES = ('auto', 'cuda', 'mps', 'cpu')
+
+
+def add_model_flags(p):
+    """The flags that describe a model, shared by train.py, eval.py and explain.py. All default to None: the
+    caller fills what is not given, from a preset or from a checkpoint."""
+    a = p.add_argument
+    a('--backbone', help=f'timm ViT name with pretrained tag (default {PAPER_BACKBONE}, the backbone of the '
+      "official README's training command; the paper's figures use deit3_base_patch16_224.fb_in1k)")
+    a('--img-size', type=int, help=f'input size in pixels (paper: {PAPER_SIZE})')
+    a('--method', choices=METHODS, help='token reduction method')
+    a('--keep', type=float, nargs='+', help='keep rate, one or one per location')
+    a('--loc', type=int, nargs='*', help='0-indexed blocks that reduce (--loc alone: none)')
+    a('--clc', action=argparse.BooleanOptionalAction, help='cross-layer cache')
+    a('--cla', action=argparse.BooleanOptionalAction, help='cross-layer aggregation head')
+    a('--num-clr', type=int, help='CLR carrier tokens of the cache')
+
+
+def model_fields(args) -> dict:
+    """The ModelConfig fields the model flags set."""
+    return {k: getattr(args, k) for k in ('img_size', 'loc', 'num_clr', *CLCA) if getattr(args, k) is not None}
+
+
+def pick_device(name: str) -> torch.device:
+    """--device: 'auto' takes CUDA, then Apple's MPS, then the CPU."""
+    if name == 'auto' and torch.cuda.is_available():
+        return torch.device('cuda')
+    if name == 'auto':
+        return torch.device('mps' if torch.backends.mps.is_available() else 'cpu')
+    return torch.device(name)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices in hardware: Ampere and newer GPUs; CPUs with AMX tiles or
+    AVX512-BF16 (Sapphire Rapids and later Xeons, Zen 4). Elsewhere bf16 is emulated: slower than fp32."""
+    if device.type == 'cuda':
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == 'cpu' and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def runtime_defaults(args, device: torch.device, train_width: int = 0):
+    """Fill, where not given, the flags whose best value depends on the machine (docs/RESULTS.md has the
+    measurements behind each rule). `train_width` is the model's width when it is to be trained, else 0.
+    - Precision: bf16 where the hardware has it, but training a model narrower than 384 on a CPU stays fp32,
+      where autocast's casts cost more than bf16 matmuls save; fp16 with loss scaling on older GPUs; else fp32.
+    - Compile: on CUDA, except for ATS, whose image-dependent token counts would recompile the graph.
+    - Workers: on CUDA this node's cores split over its processes; on a CPU or MPS the main process loads."""
+    cuda = device.type == 'cuda'
+    if args.amp is None and native_bf16(device) and not (device.type == 'cpu' and 0 < train_width < 384):
+        args.amp = 'bf16'
+    if args.amp is None:
+        args.amp = 'fp16' if cuda else 'off'
+    if args.compile is None:
+        args.compile = cuda and args.method != 'ats'
+    if args.workers is None:
+        args.workers = max(1, (os.cpu_count() or 1) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))) if cuda else 0
+
+
+def autocast_args(amp: str, device: torch.device) -> dict:
+    """torch.autocast's arguments for --amp."""
+    return dict(device_type=device.type, dtype=torch.float16 if amp == 'fp16' else torch.bfloat16, enabled=amp != 'off')
+
+
+def exit_with(error: Exception):
+    """One line, no traceback; a DataLoader worker wraps the error in its traceback: keep the last line."""
+    sys.exit('error: ' + re.sub(r'^[\w.]+Error: ', '', str(error).strip().splitlines()[-1]))
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, amp: dict) -> dict:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy, summed over all processes under torchrun."""
+    model.eval()
+    dtype = next(model.parameters()).dtype  # fp32 while training; `for_inference` casts the model
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, count
+    for images, labels in loader:
+        images = images.to(device, dtype, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with torch.autocast(**amp):
+            logits = model(images)[0].float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
+        hits = top5 == labels[:, None]
+        totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(),
+                               torch.nn.functional.cross_entropy(logits, labels, reduction='sum'),
+                               torch.tensor(len(labels), device=device)]).double()
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    return dict(top1=(100 * totals[0] / totals[3]).item(), top5=(100 * totals[1] / totals[3]).item(),
+                test_loss=(totals[2] / totals[3]).item())
 
 
 def parse_args(argv=None):
@@ -39,23 +130,21 @@ def parse_args(argv=None):
     a('--data-dir', help='dataset folder (default data/<dataset>)')
     a('--split', choices=('train', 'test'), default='test')
     a('--cost', action='store_true', help='parameters, GMACs, images/s and peak memory instead of accuracy')
+    a('--train', action='store_true', help='with --cost: time a training step as train.py takes it, not inference')
     a('--sweep', action='store_true', help='one table over --methods x --keeps (or over --checkpoints)')
     a('--methods', nargs='+', choices=METHODS, default=['none', 'evit', 'topk'])
     a('--keeps', type=float, nargs='+', default=[0.1, 0.25, 0.5, 0.7])
     a('--checkpoints', nargs='+', help='sweep rows from checkpoints (re-evaluated) or run folders (the top-1 their '
       'run logged after its last epoch); runs that differ only in the seed share a row (mean, std, count)')
-    a('--plot', metavar='SVG', help='with --sweep --checkpoints: also draw top-1 against GMACs')
-    a('--table', metavar='MD', help='with --plot: draw the first sweep table in this markdown file instead')
-    # model flags: they describe the model when no checkpoint does, and override a checkpoint's settings
-    add_model_flags(p)
+    a('--plot', metavar='SVG', help='with --sweep --checkpoints or --table: draw top-1 against GMACs')
+    a('--table', metavar='MD', help='with --plot: draw the first sweep table in this markdown file')
+    add_model_flags(p)  # they describe the model when no checkpoint does, and override a checkpoint's settings
     a('--num-classes', type=int)
     a('--batch-size', type=int, help='default 32 on CUDA, 4 on CPU')
-    a('--amp', choices=('bf16', 'fp16', 'off'), help='precision; the model is cast to it once (default: bf16 where '
-      'the hardware has it, fp16 on older GPUs, off elsewhere)')
+    a('--amp', choices=('bf16', 'fp16', 'off'), help='precision (default: bf16 where the hardware has it, fp16 on '
+      'older GPUs, else off); inference casts the model to it once, --train uses autocast')
     a('--compile', action='store_true', help='time the torch.compile-d model')
-    a('--train', action='store_true', help='with --cost: time a training step (forward, backward, AdamW) under '
-      'autocast, as train.py runs it, instead of inference')
-    a('--workers', type=int, help='data loading processes (default: min(8, cores) on CUDA, 0 on a CPU)')
+    a('--workers', type=int, help='data loading processes (default: the cores on CUDA, 0 on a CPU)')
     a('--device', choices=DEVICES, default='auto', help='auto: CUDA, else Apple MPS, else the CPU')
     return p.parse_args(argv)
 
@@ -64,13 +153,13 @@ def build(args, checkpoint=None):
     """(model, loaded checkpoint or None): the model the checkpoint describes, with the model flags given
     on the command line on top; without a checkpoint, the flags alone on the paper's backbone and size."""
     raw = open_checkpoint(checkpoint) if checkpoint else None
-    cfg, flags = model_config(raw), model_fields(args)
+    cfg = model_config(raw)
     if cfg is not None:
-        cfg = replace(cfg, **flags)
+        cfg = replace(cfg, **model_fields(args))
     else:  # no checkpoint, or one that describes no model (a timm file): the flags say what to build
         num_classes = args.num_classes or num_classes_in(read_checkpoint(raw) if raw is not None else {})
-        cfg = backbone_config(args.backbone or PAPER['backbone'], num_classes=num_classes,
-                              **{'img_size': PAPER['img_size'], **flags})
+        fields = {'img_size': PAPER_SIZE, **model_fields(args)}
+        cfg = backbone_config(args.backbone or PAPER_BACKBONE, num_classes=num_classes, **fields)
     model = ViT(cfg)
     if raw is not None:
         missing, _ = load_weights(model, raw, verbose=False)
@@ -81,9 +170,8 @@ def build(args, checkpoint=None):
 
 
 def recorded_run(folder):
-    """(model, saved record, top-1) of a finished train.py run, from its own two small files: config.json and
-    the last line of log.jsonl. No weights are read and nothing is re-evaluated, so runs trained on another
-    machine can be tabulated from those files alone; the top-1 is the one measured in training's precision."""
+    """(model, saved record, top-1) of a finished train.py run, from config.json and the last line of its
+    log.jsonl: nothing is read or evaluated again, so runs trained elsewhere are tabulated from two small files."""
     try:
         saved = json.loads((Path(folder) / 'config.json').read_text())
         last = json.loads((Path(folder) / 'log.jsonl').read_text().splitlines()[-1])
@@ -111,9 +199,8 @@ def eval_split(args, model, raw):
 
 
 def for_inference(model, amp: str, device):
-    """The model in eval mode on `device`, cast once to the --amp precision. Inference keeps no fp32 master
-    weights, so autocast's re-casting of every weight on every forward is waste (casting once runs ViT-B/16
-    14 % faster on an AMX CPU); the inputs follow the weights' dtype (`evaluate`, `speed`)."""
+    """The model in eval mode on `device`, cast once to the --amp precision: with no fp32 master weights to
+    keep, autocast's casting of every weight in every forward is waste. Inputs follow the weights' dtype."""
     return model.to(device, {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(amp, torch.float32)).eval()
 
 
@@ -122,67 +209,9 @@ def accuracy(model, dataset, args, device) -> dict:
     return evaluate(for_inference(model, args.amp, device), loader, device, autocast_args('off', device))
 
 
-def timed(step, batch: int, device, warmup: int = 3, reps: int = 10) -> tuple:
-    """(images/s, seconds of the warm-up) of `step()`, a batch of `batch` images: the median of `reps` timed
-    runs after `warmup` untimed ones, in which torch.compile does its work."""
-    times = []
-    for _ in range(warmup + reps):
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return batch / statistics.median(times[warmup:]), sum(times[:warmup])
-
-
-def inference_step(model, batch: int, device):
-    """One forward of the model alone, on synthetic images in the weights' dtype."""
-    size, dtype = model.cfg.img_size, next(model.parameters()).dtype
-    images = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
-    return torch.inference_mode()(lambda: model(images))
-
-
-def training_step(model, net, batch: int, device, amp: str):
-    """One training step of the model alone, as train.py takes it: synthetic images and labels, forward under
-    autocast, backward (through the gradient scaler for fp16) and an AdamW step. `net` runs the forward (the
-    compiled model, or the model itself)."""
-    size = model.cfg.img_size
-    images = torch.randn(batch, 3, size, size, device=device)
-    labels = torch.randint(model.cfg.num_classes, (batch,), device=device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
-
-    def step():
-        with torch.autocast(**autocast_args(amp, device)):
-            loss = net(images, labels)[1]
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    return step
-
-
-def tokens_per_stage(cfg) -> str:
-    """Sequence length entering the first block and after each reduction location, e.g. 786>86>16>9,
-    counted on the meta device (no memory, no compute). ATS keeps a number of tokens that depends on
-    the image: its counts come from one random image and carry a '~'."""
-    varies = cfg.method == 'ats'
-    device = 'cpu' if varies else 'meta'
-    with torch.device(device):
-        model = ViT(cfg).eval()
-    lengths = []
-    for i in [0] + [i + 1 for i in cfg.loc if i + 1 < cfg.depth]:
-        model.blocks[i].register_forward_pre_hook(lambda m, a: lengths.append(a[0].x.shape[1]))
-    with torch.no_grad():
-        model(torch.randn(1, 3, cfg.img_size, cfg.img_size, device=device))
-    return '~' * varies + '>'.join(map(str, lengths))
-
-
 def cost(model, args, device) -> dict:
     """Parameters (millions), GMACs, images/s, seconds of warm-up (compiling, with --compile) and peak memory
-    (MiB) of a model: of inference, cast once to --amp, or with --train of a training step."""
+    (MiB; the process's on a CPU) of inference, cast once to --amp, or with --train of a training step."""
     params = sum(p.numel() for p in model.parameters()) / 1e6
     macs = gmacs(model)
     model = model.to(device).train() if args.train else for_inference(model, args.amp, device)
@@ -192,88 +221,83 @@ def cost(model, args, device) -> dict:
         torch._dynamo.reset()
     net = torch.compile(model) if args.compile else model
     if args.train:
-        step = training_step(model, net, args.batch_size, device, args.amp)
+        step = training_step(model, net, args.batch_size, device, autocast_args(args.amp, device))
     else:
         step = inference_step(net, args.batch_size, device)
     ips, warmup = timed(step, args.batch_size, device)
-    peak = (torch.cuda.max_memory_allocated() if device.type == 'cuda'
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
-    return dict(params_M=params, GMACs=macs, images_per_s=ips, warmup_s=warmup, peak_MiB=peak)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's, on a CPU
+    if device.type == 'cuda':
+        peak = torch.cuda.max_memory_allocated()
+    return dict(params_M=params, GMACs=macs, images_per_s=ips, warmup_s=warmup, peak_MiB=peak / 2**20)
 
 
 # what a checkpoint's saved args may differ in and still be a repeat of the same run
-NOT_THE_RUN = {'seed', 'out', 'resume', 'workers', 'compile', 'device', 'data_dir', 'output_dir'}
+NOT_THE_RUN = {'seed', 'out', 'resume', 'workers', 'cache', 'compile', 'device', 'data_dir', 'output_dir'}
 
 
 def run_key(cfg, raw) -> str:
     """The run a checkpoint comes from, but for its seed and the machine: equal keys are repeats."""
     saved = raw.get('args') if isinstance(raw, dict) else None
-    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved if isinstance(saved, dict) else {}
-    recipe = {k: v for k, v in saved.items() if k not in NOT_THE_RUN}
+    if isinstance(saved, argparse.Namespace):  # the paper's checkpoints
+        saved = vars(saved)
+    recipe = {k: v for k, v in (saved or {}).items() if k not in NOT_THE_RUN}
     return json.dumps([asdict(cfg), recipe], sort_keys=True, default=str)
 
 
-def mean_std(values) -> tuple:
-    """(mean, sample standard deviation; 0 for a single value)."""
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def sweep(args, device) -> list:
-    """One markdown table: a row per method x keep x CLCA, or per run of --checkpoints, where
-    checkpoints that differ only in their seed (or the machine) share a row: top-1 as mean +- std over
-    them, and their count. Returns the rows that have a top-1 (for --plot)."""
+    """One markdown table: a row per method x keep x CLCA, or per run of --checkpoints, where checkpoints that
+    differ only in their seed (or the machine) share a row: top-1 as mean ± sample std over them, and their
+    count. Returns the rows that have a top-1 (for --plot)."""
     groups = {}  # run key -> (the model of its first checkpoint, top-1 of each checkpoint)
-    if args.checkpoints:
-        if model_fields(args) and any(Path(c).is_dir() for c in args.checkpoints):
-            raise ValueError('a run folder reports the model it trained: drop the model flags, or pass last.pt files')
-        for checkpoint in args.checkpoints:
-            if Path(checkpoint).is_dir():
-                model, raw, top1 = recorded_run(checkpoint)
-            else:
-                model, raw = build(args, checkpoint)
-                top1 = accuracy(model, eval_split(args, model, raw), args, device)['top1']
-            groups.setdefault(run_key(model.cfg, raw), (model, []))[1].append(top1)
-    else:
-        for method, keep, clca in itertools.product(args.methods, args.keeps, (False, True)):
-            if method != 'none' or keep == args.keeps[0]:  # 'none' ignores the rate: one row each
-                flags = dict(method=method, keep=[keep], clc=clca, cla=clca)
-                groups[len(groups)] = (build(argparse.Namespace(**{**vars(args), **flags}))[0], [])
-    print('| method | keep | CLC | CLA | tokens per stage | GMACs | images/s | top-1 | seeds |\n'
-          '|---|---|---|---|---|---|---|---|---|')
+    if args.checkpoints and model_fields(args) and any(Path(c).is_dir() for c in args.checkpoints):
+        raise ValueError('a run folder reports the model it trained: drop the model flags, or pass last.pt files')
+    for checkpoint in args.checkpoints or []:
+        if Path(checkpoint).is_dir():
+            model, raw, top1 = recorded_run(checkpoint)
+        else:
+            model, raw = build(args, checkpoint)
+            top1 = accuracy(model, eval_split(args, model, raw), args, device)['top1']
+        groups.setdefault(run_key(model.cfg, raw), (model, []))[1].append(top1)
+    settings = [] if args.checkpoints else itertools.product(args.methods, args.keeps, (False, True))
+    for method, keep, clca in settings:
+        if method != 'none' or keep == args.keeps[0]:  # 'none' ignores the rate: one row each
+            flags = dict(method=method, keep=[keep], clc=clca, cla=clca)
+            groups[len(groups)] = (build(argparse.Namespace(**{**vars(args), **flags}))[0], [])
+    print('| method | keep | CLC | CLA | tokens per stage | GMACs | images/s | top-1 | seeds |\n|' + '---|' * 9)
     rows = []
     for model, tops in groups.values():
-        c, cfg = cost(model, args, device), model.cfg
+        cfg = model.cfg
+        c = cost(model, args, device)
         keep = '/'.join(f'{k:g}' for k in cfg.keep) if cfg.method != 'none' else '1'
-        top1 = '-' if not tops else '%.1f' % tops[0] if len(tops) == 1 else '%.1f ± %.1f' % mean_std(tops)
-        print(f"| {cfg.method} | {keep} | {'on' if cfg.clc else 'off'} | {'on' if cfg.cla else 'off'} "
-              f"| {tokens_per_stage(cfg)} | {c['GMACs']:.3f} | {c['images_per_s']:.1f} | {top1} | {len(tops) or '-'} |",
-              flush=True)
+        top1 = '-'
         if tops:
-            mean, std = mean_std(tops)
-            rows.append(dict(method=cfg.method, keep=keep, clc=cfg.clc, cla=cfg.cla, gmacs=c['GMACs'], mean=mean,
-                             std=std, seeds=len(tops)))
+            std = statistics.stdev(tops) if len(tops) > 1 else 0.0
+            rows.append(dict(method=cfg.method, keep=keep, clc=cfg.clc, cla=cfg.cla, gmacs=c['GMACs'],
+                             mean=statistics.mean(tops), std=std, seeds=len(tops)))
+            top1 = f"{rows[-1]['mean']:.1f}" + (f' ± {std:.1f}' if len(tops) > 1 else '')
+        print(f"| {cfg.method} | {keep} | {'on' if cfg.clc else 'off'} | {'on' if cfg.cla else 'off'} | "
+              f"{tokens_per_stage(cfg)} | {c['GMACs']:.3f} | {c['images_per_s']:.1f} | {top1} | {len(tops) or '-'} |",
+              flush=True)
     return rows
 
 
 def read_table(path) -> list:
     """The rows of the first markdown table in `path` with the columns method, keep, CLC, CLA, GMACs, top-1 and
-    seeds (as --sweep prints them; other columns are ignored), for --plot: a table measured before, drawn again."""
-    header = None
+    seeds, as --sweep prints them (other columns are ignored): a table measured before, to draw again."""
+    rows, header = [], None
     for line in Path(path).read_text().splitlines():
         cells = [c.strip().strip('*') for c in line.strip().strip('|').split('|')]
         if header is None and {'method', 'keep', 'CLC', 'CLA', 'GMACs', 'top-1', 'seeds'} <= set(cells):
-            header, rows = cells, []
-        elif header is not None and line.startswith('|'):
-            if set(line) <= set('|-: '):
-                continue  # the line under the header
+            header = cells
+        elif header is not None and not line.startswith('|'):
+            break
+        elif header is not None and not set(line) <= set('|-: '):  # a row, not the rule under the header
             row = dict(zip(header, cells))
-            top1 = re.match(r'([\d.]+)(?: ± ([\d.]+))?', row['top-1'].strip('*'))
+            top1 = re.match(r'([\d.]+)(?: ± ([\d.]+))?', row['top-1'])
             rows.append(dict(method=row['method'], keep=row['keep'], clc=row['CLC'] == 'on', cla=row['CLA'] == 'on',
                              gmacs=float(row['GMACs']), mean=float(top1[1]), std=float(top1[2] or 0),
                              seeds=int(row['seeds'])))
-        elif header is not None:
-            break
-    if not header or not rows:
+    if not rows:
         raise ValueError(f'{path} has no table with the columns method, keep, CLC, CLA, GMACs, top-1 and seeds')
     return rows
 
@@ -295,21 +319,21 @@ def plot(rows, path):
     ys = nice_ticks(min(r['mean'] - r['std'] for r in rows), max(r['mean'] + r['std'] for r in rows))
     px = lambda x: L + (x - xs[0]) / (xs[-1] - xs[0]) * (W - L - R)
     py = lambda y: H - B - (y - ys[0]) / (ys[-1] - ys[0]) * (H - B - T)
-    colours = dict(zip(METHODS, ['#444444', '#1f77b4', '#17becf', '#ff7f0e', '#2ca02c', '#9467bd', '#8c564b',
-                                 '#e377c2', '#d62728']))
-    shapes = {(False, False): ('base', [(-5, -5), (5, -5), (5, 5), (-5, 5)]),
-              (True, True): ('CLCA', [(-5, -5), (5, -5), (5, 5), (-5, 5)]),
+    colours = dict(zip(METHODS, ['#444', '#1f77b4', '#17becf', '#ff7f0e', '#2ca02c', '#9467bd', '#8c564b', '#e377c2',
+                                 '#d62728']))
+    square = [(-5, -5), (5, -5), (5, 5), (-5, 5)]
+    shapes = {(False, False): ('base', square), (True, True): ('CLCA', square),
               (True, False): ('CLC only', [(0, -6), (6, 5), (-6, 5)]),
               (False, True): ('CLA only', [(0, -6), (6, 0), (0, 6), (-6, 0)])}
     marker = lambda key, x, y, colour: (
         f'<polygon points="{" ".join(f"{x + a:.1f},{y + b:.1f}" for a, b in shapes[key][1])}" '
         f'fill="{"white" if key == (False, False) else colour}" stroke="{colour}" stroke-width="2"/>')
     seeds = sorted({r['seeds'] for r in rows})
-    span = str(seeds[0]) if len(seeds) == 1 else f'{seeds[0]}–{seeds[-1]}'
+    span = f'{seeds[0]}–{seeds[-1]}' if len(seeds) > 1 else f'{seeds[0]}'
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
            f'font-size="12"><rect width="{W}" height="{H}" fill="white"/>',
-           f'<text x="{(L + W - R) / 2}" y="22" text-anchor="middle" font-size="14">Test top-1 against cost '
-           f'(mean and one std over {span} seeds)</text>']
+           f'<text x="{(L + W - R) / 2}" y="22" text-anchor="middle" font-size="14">Test top-1 against cost (mean '
+           f'and one std over {span} seeds)</text>']
     for x in xs:  # light gridlines and round tick values
         out += [f'<line x1="{px(x):.1f}" y1="{T}" x2="{px(x):.1f}" y2="{H - B}" stroke="#e4e4e4"/>',
                 f'<text x="{px(x):.1f}" y="{H - B + 16}" text-anchor="middle">{x:g}</text>']
@@ -322,11 +346,10 @@ def plot(rows, path):
     points = [(px(r['gmacs']), py(r['mean'])) for r in rows]
     for method, clc, cla in dict.fromkeys((r['method'], r['clc'], r['cla']) for r in rows):
         line = sorted(p for r, p in zip(rows, points) if (r['method'], r['clc'], r['cla']) == (method, clc, cla))
-        if len(line) < 2:
-            continue
         dashes = '' if clc or cla else ' stroke-dasharray="4 3"'  # base runs dashed
-        out.append(f'<polyline points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in line)}" fill="none" '
-                   f'stroke="{colours[method]}" stroke-opacity="0.6"{dashes}/>')
+        if len(line) > 1:
+            out.append(f'<polyline points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in line)}" fill="none" '
+                       f'stroke="{colours[method]}" stroke-opacity="0.6"{dashes}/>')
     taken = [(x - 7, y - 7, x + 7, y + 7) for x, y in points]  # boxes of markers and of labels placed so far
     for r, (x, y) in zip(rows, points):
         colour = colours[r['method']]
@@ -342,11 +365,11 @@ def plot(rows, path):
         taken.append(box)
         out.append(f'<text x="{box[0]:.1f}" y="{box[3] - 2:.1f}" fill="{colour}">{r["keep"]}</text>')
     legend = [(m, colours[m], None) for m in dict.fromkeys(r['method'] for r in rows)]
-    legend += [(shapes[k][0], '#444444', k) for k in dict.fromkeys((r['clc'], r['cla']) for r in rows)]
+    legend += [(shapes[k][0], '#444', k) for k in dict.fromkeys((r['clc'], r['cla']) for r in rows)]
     for i, (label, colour, key) in enumerate(legend):
         x, y = W - R + 20, T + 10 + 20 * i
-        out += [marker(key, x, y, colour) if key else f'<rect x="{x - 6}" y="{y - 2}" width="12" height="4" '
-                f'fill="{colour}"/>', f'<text x="{x + 14}" y="{y + 4}">{label}</text>']
+        bar = f'<rect x="{x - 6}" y="{y - 2}" width="12" height="4" fill="{colour}"/>'
+        out += [marker(key, x, y, colour) if key else bar, f'<text x="{x + 14}" y="{y + 4}">{label}</text>']
     Path(path).write_text('\n'.join(out + ['</svg>']) + '\n')
 
 
@@ -370,15 +393,13 @@ def main(argv=None):
             raise ValueError('give --checkpoint to evaluate, or --cost / --sweep to measure a model from flags')
         model, raw = build(args, args.checkpoint)
         cfg = model.cfg
-        print(f'{cfg.method} keep {cfg.keep} loc {cfg.loc} '
-              f'clc={cfg.clc} cla={cfg.cla} at {cfg.img_size} px; tokens per stage {tokens_per_stage(cfg)}; '
-              f'precision {args.amp} on {device.type}')
+        print(f'{cfg.method} keep {cfg.keep} loc {cfg.loc} clc={cfg.clc} cla={cfg.cla} at {cfg.img_size} px; tokens '
+              f'per stage {tokens_per_stage(cfg)}; precision {args.amp} on {device.type}')
         if args.cost:
             c = cost(model, args, device)
             print(f"{c['params_M']:.2f} M parameters, {c['GMACs']:.3f} GMACs, {c['images_per_s']:.2f} images/s of "
                   f"{'training' if args.train else 'inference'} (batch {args.batch_size}, {device.type}, amp {args.amp}, "
-                  f"compile {args.compile}, warm-up {c['warmup_s']:.1f} s), peak memory {c['peak_MiB']:.0f} MiB"
-                  + (' (process RSS)' if device.type == 'cpu' else ''))
+                  f"compile {args.compile}, warm-up {c['warmup_s']:.1f} s), peak memory {c['peak_MiB']:.0f} MiB")
         else:
             res = accuracy(model, eval_split(args, model, raw), args, device)
             print(f"{args.split} top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['test_loss']:.4f}")

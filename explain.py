@@ -11,19 +11,21 @@ model is found as eval.py finds it: from a checkpoint, or from the model flags a
 drawn with --seed). Everything runs in fp32: the trace compares token rows for equality.
 """
 import argparse
+import math
 from collections import Counter
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
+import torchvision.transforms as T
 from torch.utils.data import DataLoader
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
 
-from data import DATASETS, DatasetError
-from eval import build, eval_split, tokens_per_stage
-from train import DEVICES, add_model_flags, exit_with, pick_device
+from data import DATASETS, SPOT_RADIUS, DatasetError
+from eval import DEVICES, add_model_flags, build, eval_split, exit_with, pick_device
+from model import tokens_per_stage
 from weights import CheckpointError
 
 
@@ -61,6 +63,15 @@ def run_with_hooks(model, images, hooks):
             h.remove()
 
 
+def evidence(dataset, i: int, patch: int) -> torch.Tensor:
+    """(P,) bool, patches in row-major order: where the class evidence of image i of the leaves lies after the
+    test transform (the centre crop), the patches that hold at least a fifth of one of the class's spots."""
+    cover = T.functional.center_crop(dataset.render(i)[1][None], [dataset.img_size])[0]  # (S, S) in [0, 1]
+    side = dataset.img_size // patch
+    cells = cover[:side * patch, :side * patch].reshape(side, patch, side, patch).sum((1, 3))  # (side, side)
+    return cells.flatten() >= 0.2 * math.pi * (SPOT_RADIUS * dataset.size / 2) ** 2
+
+
 def alive_patches(model, images) -> list:
     """Run `model` on `images` (B, 3, S, S); per reduction location, (B, P) bool: the patches that still
     have a token of their own (a made token, idx -1, belongs to no patch; ToMe's merged token to its B partner)."""
@@ -90,28 +101,28 @@ def held_patches(model, images) -> list:
 
 
 def evidence_recall(model, dataset, device, batch: int = 100) -> list:
-    """Per reduction location, (alone, mixed, chance) over the evidence patches (`Leaves.evidence`):
+    """Per reduction location, (alone, mixed, chance) over the evidence patches (`evidence`):
     - alone: the share held by a token that holds no other patch but evidence (a kept patch, a ToMe merge of
       two evidence patches);
     - mixed: the share held only by tokens that mix it with non-evidence patches (EViT's fused token, ToMe's
       and DPC-KNN's merges, every pooled token); the rest is gone;
     - chance: the share of all patches held by a token of their own, which is what a selection of the same
       number of patches made blind to the evidence would keep alone on average."""
-    if not hasattr(dataset, 'evidence'):
-        raise ValueError('--recall needs the generator\'s evidence masks: use --dataset leaves')
+    if not hasattr(dataset, 'render'):
+        raise ValueError("--recall needs the generator's evidence masks: use --dataset leaves")
     dtype, p = next(model.parameters()).dtype, model.cfg.patch_size
     sums, total = torch.zeros(len(model.cfg.loc), 3), 0
     for start in range(0, len(dataset), batch):
         ids = range(start, min(start + batch, len(dataset)))
         images = torch.stack([dataset[i][0] for i in ids]).to(device, dtype)
-        evidence = torch.stack([dataset.evidence(i, p) for i in ids])                    # (B, P)
+        marks = torch.stack([evidence(dataset, i, p) for i in ids])                       # (B, P)
         for s, src in enumerate(held_patches(model, images)):                            # src (B, N, P)
-            mixing = (src & ~evidence[:, None]).any(-1)                                  # (B, N) holds non-evidence
-            alone = (src & (src.any(-1) & ~mixing)[..., None]).any(1) & evidence        # (B, P)
-            mixed = (src & mixing[..., None]).any(1) & evidence & ~alone
+            mixing = (src & ~marks[:, None]).any(-1)                                  # (B, N) holds non-evidence
+            alone = (src & (src.any(-1) & ~mixing)[..., None]).any(1) & marks           # (B, P)
+            mixed = (src & mixing[..., None]).any(1) & marks & ~alone
             own = (src & (src.sum(-1) == 1)[..., None]).any(1)                           # (B, P)
             sums[s] += torch.tensor([alone.sum(), mixed.sum(), own.float().mean(1).sum()])
-        total += int(evidence.sum())
+        total += int(marks.sum())
     return [(a / max(total, 1), m / max(total, 1), c / len(dataset)) for a, m, c in sums.tolist()]
 
 
@@ -150,8 +161,8 @@ def visualize(model, dataset, path, device, num_images=6, scale=4):
     plain = plain.repeat_interleave(scale, 2).repeat_interleave(scale, 3)  # (B, 3, S*scale, S*scale)
     kept = alive_patches(model, images.to(device, next(model.parameters()).dtype))
     rows = [plain] + [plain * (0.25 + 0.75 * up(alive.float())) for alive in kept]
-    if hasattr(dataset, 'evidence'):
-        inside = up(torch.stack([dataset.evidence(i, p) for i in range(len(images))]).float())  # (B, 1, H, W)
+    if hasattr(dataset, 'render'):  # the leaves' generator knows where their evidence is
+        inside = up(torch.stack([evidence(dataset, i, p) for i in range(len(images))]).float())  # (B, 1, H, W)
         grown, shrunk = F.max_pool2d(inside, 3, 1, 1), -F.max_pool2d(-inside, 3, 1, 1)  # dilated, eroded by 1 px
         edge = grown - shrunk  # 1 on both sides of each evidence region's border
         cyan = torch.tensor([0.0, 1.0, 1.0]).view(1, 3, 1, 1)

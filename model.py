@@ -1,5 +1,5 @@
 """CLCA model: a ViT written from scratch, the cross-layer cache (CLC) and the cross-layer aggregation
-head (CLA), and what the model costs.
+head (CLA), and what the model costs: GMACs, tokens per stage, the time of a step.
 
 Paper: Rios et al., "Cross-Layer Cache Aggregation for Token Reduction in Ultra-Fine-Grained Image
 Recognition", ICASSP 2025 (arXiv 2501.00243). Parameter names follow timm, so a timm checkpoint
@@ -7,7 +7,10 @@ loads as a plain key copy (weights.py); the CLA head is called `ifa_head` as in 
 the same reason. The token reduction methods live in reduce.py; this file meets them only through
 `Tokens` and the one `Reducer` interface.
 """
+import math
 import re
+import statistics
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -72,6 +75,10 @@ class ModelConfig:
 
 
 SIZES = {'tiny': (192, 12, 3), 'small': (384, 12, 6), 'base': (768, 12, 12), 'large': (1024, 24, 16)}
+# The paper's model: the backbone of its published training command, at 448 px, and CLCA, which turns on over
+# ModelConfig's plain ViT: EViT keeping 10 % at its default locations, the cache (one CLR carrier) and the head
+PAPER_BACKBONE, PAPER_SIZE = 'vit_base_patch16_clip_224.laion2b', 448
+CLCA = dict(method='evit', keep=(0.1,), clc=True, cla=True)
 
 
 def backbone_config(name: str, **overrides) -> ModelConfig:
@@ -96,6 +103,17 @@ def backbone_config(name: str, **overrides) -> ModelConfig:
     elif family == 'vit' and not clip and (not tag or 'in21k' in tag or 'augreg' in tag):
         mean, std = (0.5,) * 3, (0.5,) * 3  # Google's ViT weights; MAE, DINO, MoCo v3 use ImageNet's
     return ModelConfig(**{**cfg, 'mean': mean, 'std': std, **overrides})
+
+
+def resample_grid(pos: torch.Tensor, side: int) -> torch.Tensor:
+    """Position embeddings of a g x g patch grid on a side x side one, (1, g*g, D) -> (1, side*side, D), by
+    bicubic antialiased resampling: how a checkpoint trained at 224 px runs at 448 (weights.load_weights)."""
+    g, D = math.isqrt(pos.shape[1]), pos.shape[2]
+    if g == side:
+        return pos
+    grid = pos.float().reshape(1, g, g, D).permute(0, 3, 1, 2)                  # (1, D, g, g)
+    grid = F.interpolate(grid, size=(side, side), mode='bicubic', antialias=True, align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, side * side, D).to(pos.dtype)     # (1, side*side, D)
 
 
 class PatchEmbed(nn.Module):
@@ -129,7 +147,9 @@ class Mlp(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hidden = int(cfg.embed_dim * cfg.mlp_ratio)
-        self.fc1, self.act, self.fc2 = nn.Linear(cfg.embed_dim, hidden), nn.GELU(), nn.Linear(hidden, cfg.embed_dim)
+        self.fc1 = nn.Linear(cfg.embed_dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, cfg.embed_dim)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
@@ -150,8 +170,12 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         ls = (lambda: LayerScale(cfg.embed_dim, cfg.init_values)) if cfg.init_values else nn.Identity
-        self.norm1, self.attn, self.ls1 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps), Attention(cfg), ls()
-        self.norm2, self.mlp, self.ls2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps), Mlp(cfg), ls()
+        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ls1 = ls()
+        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.mlp = Mlp(cfg)
+        self.ls2 = ls()
 
     def forward(self, t: Tokens, reducer=None) -> Tokens:
         if reducer is not None and reducer.before_block:
@@ -193,7 +217,8 @@ class ViT(nn.Module):
                 nn.Conv1d(wide, cfg.num_classes, kernel_size=1),
             ), nn.Flatten(1))
         else:
-            self.norm, self.head = nn.LayerNorm(D, eps=cfg.norm_eps), nn.Linear(D, cfg.num_classes)
+            self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+            self.head = nn.Linear(D, cfg.num_classes)
         self._init_weights()
 
     @torch.no_grad()
@@ -252,7 +277,8 @@ class ViT(nn.Module):
                     # caches that stale copy next, and so do we (the paper's figure shows it).
                     survived = t.x.shape[1]
                     if cache:
-                        t, cache = t.append(torch.cat(cache, 1)), []
+                        t = t.append(torch.cat(cache, 1))
+                        cache = []
                 if i < self.recovery[-1]:
                     cache.append(self.carriers(t, survived))
             if self.cfg.cla and i in self.cla_layers:
@@ -262,14 +288,11 @@ class ViT(nn.Module):
         return logits, loss
 
 
-def create_model(backbone: str, num_classes: int, img_size: int = 224, method: str = 'none', keep=1.0,
-                 loc=(3, 6, 9), clc: bool = False, cla: bool = False, num_clr: int = 1, **overrides) -> ViT:
-    """Build a ViT (timm name) with optional token reduction, CLC and CLA, initialised as timm does;
-    `weights.load_weights` loads pretrained or trained weights into it. Further ModelConfig fields
-    (clc_gap, clc_last, depth, ...) go in `overrides`."""
-    cfg = backbone_config(backbone, num_classes=num_classes, img_size=img_size, method=method, keep=keep,
-                          loc=tuple(loc), clc=clc, cla=cla, num_clr=num_clr, **overrides)
-    return ViT(cfg)
+def create_model(backbone: str, num_classes: int, **fields) -> ViT:
+    """A ViT for a timm name (e.g. 'deit3_base_patch16_224.fb_in1k'), initialised as timm does, with any other
+    ModelConfig fields: a plain ViT unless they say otherwise, the paper's model with `**CLCA`.
+    `weights.load_weights` loads pretrained or trained weights into it."""
+    return ViT(backbone_config(backbone, num_classes=num_classes, **fields))
 
 
 @torch.no_grad()
@@ -287,3 +310,60 @@ def gmacs(model: ViT) -> float:
         model(images)
     model.train(was_training)
     return counter.get_total_flops() / 2e9
+
+
+def tokens_per_stage(cfg) -> str:
+    """Sequence length entering the first block and after each reduction location, e.g. 786>86>16>9,
+    counted on the meta device (no memory, no compute). ATS keeps a number of tokens that depends on
+    the image: its counts come from one random image and carry a '~'."""
+    varies = cfg.method == 'ats'
+    device = 'cpu' if varies else 'meta'
+    with torch.device(device):
+        model = ViT(cfg).eval()
+    lengths = []
+    for i in [0] + [i + 1 for i in cfg.loc if i + 1 < cfg.depth]:
+        model.blocks[i].register_forward_pre_hook(lambda m, a: lengths.append(a[0].x.shape[1]))
+    with torch.no_grad():
+        model(torch.randn(1, 3, cfg.img_size, cfg.img_size, device=device))
+    return '~' * varies + '>'.join(map(str, lengths))
+
+
+def timed(step, batch: int, device, warmup: int = 3, reps: int = 10) -> tuple:
+    """(images/s, seconds of the warm-up) of `step()` on a batch of `batch` images: the median of `reps` timed
+    runs after `warmup` untimed ones, in which torch.compile does its work."""
+    times = []
+    for _ in range(warmup + reps):
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return batch / statistics.median(times[warmup:]), sum(times[:warmup])
+
+
+def inference_step(model, batch: int, device):
+    """One forward of the model alone, on synthetic images in the weights' dtype."""
+    size, dtype = model.cfg.img_size, next(model.parameters()).dtype
+    images = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+    return torch.inference_mode()(lambda: model(images))
+
+
+def training_step(model: ViT, net, batch: int, device, autocast: dict):
+    """One training step of the model alone, as train.py takes it: synthetic images and labels, the forward
+    of `net` (the compiled model, or the model) under torch.autocast(**autocast), backward (through a gradient
+    scaler for fp16) and an AdamW step."""
+    images = torch.randn(batch, 3, model.cfg.img_size, model.cfg.img_size, device=device)
+    labels = torch.randint(model.cfg.num_classes, (batch,), device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast['enabled'] and autocast['dtype'] == torch.float16)
+
+    def step():
+        with torch.autocast(**autocast):
+            loss = net(images, labels)[1]
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return step

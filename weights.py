@@ -1,60 +1,52 @@
-"""Every checkpoint this project reads or writes.
-
-- Reads: timm's pretrained files, OpenCLIP's, the official DeiT / DeiT-3 / MAE / DINO / MoCo v3 containers, the
-  training checkpoints of the paper's code (arkel23/CLCA) and this project's own; `.safetensors` files
-  when the optional safetensors package is installed.
-- Never unpickles arbitrary objects: only tensors, plain containers and argparse.Namespace (the
-  paper's code saves its arguments as one).
-- Writes: this project's checkpoints, atomically, as plain dicts that store the model's ModelConfig.
-
-Not here: the architecture (model.py) and what a training run stores besides the model (train.py).
+"""Every checkpoint this project reads or writes. It reads timm's pretrained files, OpenCLIP's, the official DeiT,
+DeiT-3, MAE, DINO and MoCo v3 containers, the paper's training checkpoints (arkel23/CLCA) and this project's own,
+`.safetensors` too when the optional safetensors package is installed; it never unpickles more than tensors,
+containers and argparse.Namespace (the paper's saved arguments). It writes this project's checkpoints, atomically,
+as plain dicts that store the model's ModelConfig. Not here: the architecture (model.py), a run's state (train.py).
 """
 import argparse
 import math
 import os
 import pickle
 import re
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from model import ModelConfig, ViT, backbone_config
+from model import ModelConfig, ViT, backbone_config, resample_grid
+from reduce import METHODS
+
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unsafe to unpickle, or does not fit the model."""
 
 
-# Where timm 0.9.12, the version the paper's code pins, reads a tag's weights when it is not timm's own copy: the
-# CLIP of the official README's command comes from OpenCLIP's release (its keys are converted by `from_open_clip`).
+# where timm 0.9.12, the paper's version, reads the weights of a tag that are not timm's copy (`from_open_clip`)
 ELSEWHERE = {'vit_base_patch16_clip_224.laion2b':
              'https://huggingface.co/laion/CLIP-ViT-B-16-laion2B-s34B-b88K/resolve/main/open_clip_pytorch_model.bin'}
 
 
 def pretrained_url(backbone: str) -> str:
-    """Where the weights of a tagged backbone name live, e.g. 'deit_base_patch16_224.fb_in1k': timm's hub copy,
-    or for a tag in ELSEWHERE the file the paper's timm version read."""
+    """Where the weights of a tagged name (deit_base_patch16_224.fb_in1k) live: timm's copy, or ELSEWHERE's."""
     if '.' not in backbone:
         raise CheckpointError(f'{backbone} has no pretrained tag: name one (e.g. {backbone}.augreg_in21k), '
                               'pass a file with --pretrained, or train from scratch with --pretrained none')
     return ELSEWHERE.get(backbone, f'https://huggingface.co/timm/{backbone}/resolve/main/pytorch_model.bin')
 
 
-# OpenCLIP's names of the image tower and timm's, replaced in this order (ln_pre and ln_post before ln_)
-OPEN_CLIP_NAMES = (('conv1', 'patch_embed.proj'), ('positional_embedding', 'pos_embed'),
-                   ('transformer.resblocks.', 'blocks.'), ('ln_pre', 'norm_pre'), ('ln_post', 'norm'), ('ln_', 'norm'),
-                   ('in_proj_', 'qkv.'), ('out_proj', 'proj'), ('mlp.c_fc', 'mlp.fc1'), ('mlp.c_proj', 'mlp.fc2'))
-
-
 def from_open_clip(sd: dict) -> dict:
     """An OpenCLIP checkpoint's image tower ('visual.*') under timm's names. The text tower, the logit scale
     and the projection into the text space ('visual.proj') are not part of a ViT classifier: dropped."""
+    names = (('conv1', 'patch_embed.proj'), ('positional_embedding', 'pos_embed'), ('transformer.resblocks.',
+             'blocks.'), ('ln_pre', 'norm_pre'), ('ln_post', 'norm'), ('ln_', 'norm'), ('in_proj_', 'qkv.'),
+             ('out_proj', 'proj'), ('mlp.c_fc', 'mlp.fc1'), ('mlp.c_proj', 'mlp.fc2'))  # theirs, ours; in this order
     out = {}
     for key, value in sd.items():
         if key.startswith('visual.') and key != 'visual.proj':
             key = key.removeprefix('visual.')
-            for theirs, ours in OPEN_CLIP_NAMES:
+            for theirs, ours in names:
                 key = key.replace(theirs, ours)
             out[key] = value
     out['cls_token'] = out.pop('class_embedding').reshape(1, 1, -1)  # (D,) -> (1, 1, D)
@@ -63,9 +55,8 @@ def from_open_clip(sd: dict) -> dict:
 
 
 def open_checkpoint(source):
-    """The object stored at a path or an http(s) URL (downloaded once into torch.hub's cache), or
-    `source` itself if it is already loaded. Unpickles plain containers, tensors and
-    argparse.Namespace (the paper's saved 'args') only."""
+    """The object stored at a path or an http(s) URL (downloaded once into torch.hub's cache), or `source`
+    itself if it is already loaded. Unpickles containers, tensors and argparse.Namespace only."""
     if not isinstance(source, (str, os.PathLike)):
         return source
     path = str(source)
@@ -102,11 +93,9 @@ def open_checkpoint(source):
 
 
 def read_checkpoint(source) -> dict:
-    """A flat {name: tensor} from anything `open_checkpoint` takes.
-
-    Understands timm files, OpenCLIP's, the official DeiT/MAE/DINO/MoCo v3 containers ('model', 'state_dict',
-    'module.' and 'base_encoder.' prefixes), the paper's training checkpoints and this project's.
-    """
+    """A flat {name: tensor} under this project's names from anything `open_checkpoint` takes: containers
+    ('model', 'state_dict', 'module.' and MoCo's 'base_encoder.' prefixes) unwrapped, OpenCLIP's names converted,
+    and the paper's names of a reduction's learned parts (cluster_layers, score_predictor) made `reducers`."""
     sd = open_checkpoint(source)
     for key in ('model', 'state_dict', 'module'):
         if isinstance(sd.get(key), dict):
@@ -114,32 +103,21 @@ def read_checkpoint(source) -> dict:
     sd = {k.removeprefix('module.'): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     if 'visual.class_embedding' in sd:  # OpenCLIP's release (the paper's CLIP weights)
         sd = from_open_clip(sd)
-    # the paper's code names the learned parts of a reduction after the method; here they are `reducers`
     sd = {re.sub(r'^(cluster_layers|score_predictor)\.', 'reducers.', k): v for k, v in sd.items()}
     if any(k.startswith('base_encoder.') for k in sd):  # MoCo v3: keep the online encoder only
         sd = {k.removeprefix('base_encoder.'): v for k, v in sd.items() if k.startswith('base_encoder.')}
     return sd
 
 
-def resample_grid(pos: torch.Tensor, side: int) -> torch.Tensor:
-    """Bicubic (antialiased) resampling of grid position embeddings (1, g*g, D) -> (1, side*side, D)."""
-    g, D = math.isqrt(pos.shape[1]), pos.shape[2]
-    if g == side:
-        return pos
-    grid = pos.float().reshape(1, g, g, D).permute(0, 3, 1, 2)                  # (1, D, g, g)
-    grid = F.interpolate(grid, size=(side, side), mode='bicubic', antialias=True, align_corners=False)
-    return grid.permute(0, 2, 3, 1).reshape(1, side * side, D).to(pos.dtype)     # (1, side*side, D)
-
-
 def load_weights(model: ViT, source, verbose: bool = True):
-    """Load a checkpoint into `model`: resample pos_embed to the model's grid, drop a classifier
-    head that does not fit, refuse any other shape mismatch, then start CLR from the loaded CLS
-    when the checkpoint has none. Returns torch's (missing_keys, unexpected_keys)."""
+    """Load a checkpoint into `model`: resample pos_embed to its grid, drop a classifier that does not fit, refuse
+    any other mismatch, start CLR from the loaded CLS if the file has none. Returns (missing, unexpected) keys."""
     sd = read_checkpoint(source)
     own = model.state_dict()
     notes = []
     if 'pos_embed' in sd:
-        pos, prefix = sd['pos_embed'], 0 if model.cfg.no_embed_class else 1
+        pos = sd['pos_embed']
+        prefix = 0 if model.cfg.no_embed_class else 1  # the CLS row
         extra = sd['clr'].shape[1] if 'clr' in sd and prefix else 0  # the paper's code appends CLR rows
         cells = pos.shape[1] - prefix - extra
         if math.isqrt(cells) ** 2 != cells:
@@ -167,20 +145,16 @@ def load_weights(model: ViT, source, verbose: bool = True):
         notes.append('initialised CLR from the loaded CLS token')
     if verbose:
         for what, keys in (('missing (kept as initialised)', missing), ('unexpected (ignored)', unexpected)):
-            groups = {}  # 'ifa_head.0.1.bias', 'ifa_head.0.4.weight' -> 'ifa_head.* (2)'
-            for k in keys:
-                groups.setdefault(k.split('.')[0], []).append(k)
+            tops = Counter(k.split('.')[0] for k in keys)  # 'ifa_head.0.1.bias', 'ifa_head.0.4.bias' -> ifa_head (2)
             if keys:
-                notes.append(f'{what}: ' + ', '.join(g[0] if len(g) == 1 else f'{top}.* ({len(g)})'
-                                                      for top, g in groups.items()))
+                notes.append(f'{what}: ' + ', '.join(f'{top} ({n})' if n > 1 else top for top, n in tops.items()))
         name = source if isinstance(source, (str, os.PathLike)) else 'a state dict'
         print(f'loaded {len(sd) - len(unexpected)} tensors from {name}' + ''.join('\n  ' + n for n in notes))
     return missing, unexpected
 
 
 # the paper's code names a model '<method>_<timm name>' (e.g. evit_vit_base_patch16_clip_224.laion2b)
-OFFICIAL_METHODS = {'evit': 'evit', 'topk': 'topk', 'tome': 'tome', 'ats': 'ats', 'patchmerger': 'patchmerger',
-                    'sit': 'sit', 'dpcknn': 'dpcknn', 'dyvit': 'dynamicvit'}
+OFFICIAL_NAMES = {'dyvit': 'dynamicvit'}  # where its method's name differs from ours
 # ModelConfig field <- the paper's argument name
 OFFICIAL_ARGS = {'img_size': 'input_size', 'keep': 'keep_rate', 'loc': 'reduction_loc', 'clc': 'clc', 'cla': 'ifa_head',
                  'num_clr': 'num_clr', 'clc_gap': 'clc_include_gap', 'clc_last': 'clc_recover_at_last'}
@@ -193,11 +167,8 @@ def num_classes_in(sd: dict, default: int = 1000) -> int:
 
 
 def model_config(raw) -> ModelConfig | None:
-    """The model a loaded checkpoint describes, or None when it describes none (a timm file, a state dict).
-
-    This project's checkpoints store their ModelConfig whole. The paper's code saved its command line
-    as an argparse.Namespace: translating that is the one special case.
-    """
+    """The model a loaded checkpoint describes, or None when it describes none (a timm file, a state dict):
+    this project's store their ModelConfig whole; the paper's saved arguments (a Namespace) are translated."""
     if not isinstance(raw, dict):
         return None
     if isinstance(raw.get('config'), dict):
@@ -207,8 +178,10 @@ def model_config(raw) -> ModelConfig | None:
     args = vars(raw['args'])
     if not isinstance(args.get('model'), str):
         raise CheckpointError("the checkpoint's saved arguments name no model: pass the model flags of eval.py")
-    prefix, _, rest = args['model'].partition('_')
-    method, backbone = (OFFICIAL_METHODS[prefix], rest) if prefix in OFFICIAL_METHODS else ('none', args['model'])
+    prefix, _, backbone = args['model'].partition('_')
+    method = OFFICIAL_NAMES.get(prefix, prefix)
+    if method not in METHODS[1:]:  # a plain ViT: the name is the backbone's
+        method, backbone = 'none', args['model']
     fields = {ours: args[theirs] for ours, theirs in OFFICIAL_ARGS.items() if args.get(theirs) is not None}
     try:
         return backbone_config(backbone, method=method, num_classes=num_classes_in(read_checkpoint(raw)), **fields)

@@ -62,3 +62,22 @@ def official_file(path, sd, **args):
     torch.save({'model': sd | {'head.weight': torch.randn(1000, dim), 'head.bias': torch.zeros(1000)},
                 'optimizer': {'state': {}, 'param_groups': []}, 'lr_scheduler': {'last_epoch': 49}, 'epoch': 50,
                 'scaler': {'scale': 65536.0}, 'args': argparse.Namespace(**args)}, path)
+
+
+def official_checkpoint(path, keep=0.25):
+    """A checkpoint as the paper's training script writes it, of a ViT-Tiny/8 at 32 px for the leaves."""
+    sd = official_weights(create_model('vit_tiny_patch8_224', 10, img_size=32, method='evit', keep=keep, clc=True, cla=True))
+    official_file(path, sd, model='evit_vit_tiny_patch8_224', input_size=32, keep_rate=[keep], reduction_loc=[3, 6, 9],
+                  clc=True, num_clr=1, ifa_head=True, clc_include_gap=True, clc_recover_at_last=True, lr=1e-4, seed=1)
+    return sd
+
+
+def tiny_folder(root, train=8, test=2):
+    """A folder dataset (layout c) of 2 classes with `train` and `test` images each, 40 x 40 pixels."""
+    from PIL import Image
+    for split, count in (('train', train), ('test', test)):
+        for c in range(2):
+            (root / split / f'c{c}').mkdir(parents=True)
+            for i in range(count):
+                Image.new('RGB', (40, 40), (100 * c, 10 * i, 50)).save(root / split / f'c{c}' / f'{i}.png')
+    return root

@@ -92,19 +92,19 @@ def test_missing_dataset_on_the_command_line_is_one_line_without_traceback(tmp_p
 
 
 def test_the_embedded_leaves_are_deterministic_balanced_and_any_size():
-    tf = transforms(48, None, (0.5,) * 3, (0.5,) * 3)
+    tf = transforms(48, None, (0.5,) * 3, (0.5,) * 3, resized=True)  # the leaves are drawn at the resized side
     a, b = Leaves('train', 48, tf), Leaves('train', 48, tf)
     assert len(a) == 4000 and a.num_classes == 10 and len(Leaves('test', 48, tf)) == 3000
     assert torch.equal(a[7][0], b[7][0]) and a[7][1] == 7 and a[17][1] == 7
     assert not torch.equal(a[7][0], Leaves('test', 48, tf)[7][0])
     assert not torch.equal(a[7][0], Leaves('train', 48, tf, seed=1)[7][0])
-    assert Leaves('train', 100, transforms(100, 'weak', (0.5,) * 3, (0.5,) * 3))[0][0].shape == (3, 100, 100)
+    assert Leaves('train', 100, transforms(100, 'weak', (0.5,) * 3, (0.5,) * 3, resized=True))[0][0].shape == (3, 100, 100)
 
 
 def test_a_cultivar_is_a_leaf_length_and_a_spot_colour():
     """Class c has spots of colour c // 5 (yellow, red) and a leaf of length class c % 5: over 40 images per
     length (the width is random), a longer class covers more of the image."""
-    ds = Leaves('train', 48, transforms(48, None, (0.5,) * 3, (0.5,) * 3))
+    ds = Leaves('train', 48, transforms(48, None, (0.5,) * 3, (0.5,) * 3, resized=True))
     area = torch.zeros(5)
     for i in range(200):
         img, evidence = ds.render(i)                        # (3, S, S) uint8, (S, S) spot cover
@@ -164,6 +164,7 @@ def test_the_resized_file_follows_the_images_and_the_size(tmp_path):
     first = build_dataset('folder', 'train', 32, tmp_path, cache_workers=0)[0]
     assert first.resized.parent == tmp_path / 'train' / '.resized' and first.resized.name.startswith('36px-')
     assert build_dataset('folder', 'train', 32, tmp_path, cache_workers=0)[0].resized == first.resized  # reused
+    assert build_dataset('folder', 'train', 32, tmp_path)[1] == 3  # train/.resized is no class
     assert build_dataset('folder', 'train', 48, tmp_path, cache_workers=0)[0].resized != first.resized  # another size
     photo(tmp_path / 'train' / 'c1' / 'a.png', (40, 40), seed=9)  # one image changes
     changed = build_dataset('folder', 'train', 32, tmp_path, cache_workers=0)[0]

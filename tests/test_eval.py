@@ -1,4 +1,3 @@
-import argparse
 import json
 import re
 import shutil
@@ -6,27 +5,16 @@ from xml.etree import ElementTree
 
 import pytest
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
-from torchvision.transforms.functional import pil_to_tensor
 
 import eval as evaluation
-import explain
 import train
-from conftest import official_file, official_weights
+from conftest import official_checkpoint
 from data import build_dataset
 from model import create_model, gmacs
 from weights import load_weights
 
 pytestmark = pytest.mark.usefixtures('small_leaves')
-
-def official_checkpoint(path, keep=0.25):
-    """A checkpoint as the paper's training script writes it, of a ViT-Tiny/8 at 32 px for the leaves."""
-    sd = official_weights(create_model('vit_tiny_patch8_224', 10, img_size=32, method='evit', keep=keep, clc=True, cla=True))
-    official_file(path, sd, model='evit_vit_tiny_patch8_224', input_size=32, keep_rate=[keep], reduction_loc=[3, 6, 9],
-                  clc=True, num_clr=1, ifa_head=True, clc_include_gap=True, clc_recover_at_last=True, lr=1e-4, seed=1)
-    return sd
-
 
 def test_an_official_checkpoint_is_evaluated_with_its_own_settings(tmp_path, capsys):
     sd = official_checkpoint(tmp_path / 'clca.pth')
@@ -77,7 +65,8 @@ def test_cost_times_a_training_step_as_train_py_takes_it(capsys):
                      capsys.readouterr().out)
     model = create_model('vit_tiny_patch8_224', 10, img_size=32, method='evit', keep=0.5, clc=True, cla=True).train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    evaluation.training_step(model, model, 4, torch.device('cpu'), 'bf16')()  # forward, backward, AdamW step
+    cpu = torch.device('cpu')
+    evaluation.training_step(model, model, 4, cpu, evaluation.autocast_args('bf16', cpu))()  # forward, backward, AdamW
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n != 'clr')
 
 
@@ -107,20 +96,6 @@ def test_sweep_over_checkpoints_adds_their_accuracy(tmp_path, capsys):
     assert all(re.fullmatch(r'\d+\.\d', r.split('|')[8].strip()) for r in rows)
 
 
-def test_visualize_writes_a_png_grid(tmp_path):
-    official_checkpoint(tmp_path / 'clca.pth')
-    explain.main(['--checkpoint', str(tmp_path / 'clca.pth'), '--dataset', 'leaves',
-                  '--visualize', str(tmp_path / 'kept.png')])
-    png = Image.open(tmp_path / 'kept.png')
-    assert png.format == 'PNG'
-    # columns: image + 3 locations; 6 images; 32 px scaled up 4x so that an 8-px patch is 32 screen pixels
-    assert png.size == (4 * (128 + 2) + 2, explain.HEADING + 6 * (128 + 2) + 2)
-    pixels = pil_to_tensor(png.convert('RGB'))  # (3, H, W)
-    assert (pixels == torch.tensor([0, 255, 255]).view(3, 1, 1)).all(0).sum() > 100  # the evidence outlines, in cyan
-    heading = pixels[:, :explain.HEADING].sum(0) < 3 * 128  # dark text on white, above every column
-    assert all(heading[:, c * 130:(c + 1) * 130].sum() > 20 for c in range(4))
-
-
 def test_evaluate_counts_top1_and_top5():
     class Fixed(torch.nn.Module):
         def __init__(self):
@@ -130,10 +105,11 @@ def test_evaluate_counts_top1_and_top5():
         def forward(self, x):
             return torch.tensor([[9., 8, 7, 6, 5, 4], [0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]]), None
     loader = [(torch.zeros(3), torch.tensor([0, 0, 4]))]
-    res = train.evaluate(Fixed(), loader, torch.device('cpu'), dict(device_type='cpu', enabled=False))
+    res = evaluation.evaluate(Fixed(), loader, torch.device('cpu'), dict(device_type='cpu', enabled=False))
     assert res['top1'] == pytest.approx(100 / 3) and res['top5'] == pytest.approx(200 / 3)
 
 
+@pytest.mark.long
 def test_sweep_compiles_every_row_afresh(capsys, monkeypatch):
     graphs, per_row, real_timed = [], [], evaluation.timed
 
@@ -240,6 +216,7 @@ def test_plot_redraws_a_table_the_sweep_printed(tmp_path, capsys):
         evaluation.main(['--table', str(tmp_path / 'none.md'), '--plot', str(tmp_path / 'p.svg')])
 
 
+@pytest.mark.long
 def test_sweep_reads_finished_runs_from_their_own_folders(tmp_path, capsys, monkeypatch):
     """A run folder is tabulated from train.py's config.json and the last line of its log.jsonl: it is not
     re-evaluated, runs that differ only in the seed share a row, another lr is another row."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import toy
+from conftest import tiny_folder, toy
 from reduce import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,17 +79,6 @@ def test_compiled_bf16_training_learns_and_stops_compiling_after_one_epoch(metho
     assert compiled[0] > 0 and compiled[1] == compiled[2] == compiled[0], compiled  # nothing new after epoch 1
 
 
-def tiny_folder(root: Path):
-    """A folder dataset of 2 classes, 16 training and 4 test images of 40 x 40 pixels."""
-    from PIL import Image
-    for split, count in (('train', 8), ('test', 2)):
-        for c in range(2):
-            (root / split / f'c{c}').mkdir(parents=True)
-            for i in range(count):
-                Image.new('RGB', (40, 40), (100 * c, 10 * i, 50)).save(root / split / f'c{c}' / f'{i}.png')
-    return root
-
-
 CRASH_AFTER_EPOCH_1 = """import sys
 import train
 real = train.save_checkpoint
@@ -121,6 +110,7 @@ def test_torchrun_on_one_gpu_trains_with_nccl_and_syncbatchnorm_and_resumes(tmp_
     assert '(saved)' in second.stdout and 'nccl' in second.stdout  # the precision it started with
 
 
+@pytest.mark.long
 def test_the_gpu_check_dry_runs_on_a_cpu(tmp_path):
     run = subprocess.run([sys.executable, 'tests/gpu_check.py', '--dry-run', '--out', str(tmp_path)], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
 import eval as evaluation
 import train
-from conftest import toy
+from conftest import tiny_folder, toy
 from model import ModelConfig, ViT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +26,7 @@ def read_log(out):
     return [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
 
 
+@pytest.mark.long
 def test_one_epoch_on_the_embedded_data(tmp_path, capsys):
     metrics = train.main(FAST + ['--epochs', '2', '--out', str(tmp_path)])
     assert metrics['epoch'] == 2 and 0 <= metrics['top1'] <= 100 and math.isfinite(metrics['train_loss'])
@@ -39,12 +41,14 @@ def test_one_epoch_on_the_embedded_data(tmp_path, capsys):
     assert [m['epoch'] for m in read_log(tmp_path)] == [1, 2]
 
 
+@pytest.mark.long
 def test_dynamicvit_trains_with_its_ratio_loss_and_gradient_clipping(tmp_path):
     metrics = train.main(FAST + ['--epochs', '1', '--method', 'dynamicvit', '--keep', '0.5', '--clip-grad', '1.0',
                                  '--out', str(tmp_path)])
     assert math.isfinite(metrics['train_loss']) and 0 <= metrics['top1'] <= 100
 
 
+@pytest.mark.long
 def test_resume_continues_the_same_trajectory(tmp_path, monkeypatch):
     args = FAST + ['--epochs', '3', '--seed', '3']
     train.main(args + ['--out', str(tmp_path / 'straight')])
@@ -119,8 +123,9 @@ def test_flags_are_checked_at_parse_time(argv, match, capsys):
 
 def test_defaults_are_the_paper_recipe_for_real_data():
     args = train.parse_args(['--dataset', 'soyageing'])
-    assert (args.backbone, args.img_size, args.method, args.keep, args.loc, args.clc, args.cla) == \
-        ('vit_base_patch16_clip_224.laion2b', 448, 'evit', [0.1], [3, 6, 9], True, True)
+    assert (args.backbone, args.img_size, args.method, tuple(args.keep), args.clc, args.cla) == \
+        ('vit_base_patch16_clip_224.laion2b', 448, 'evit', (0.1,), True, True)
+    assert train.backbone_config(args.backbone, **train.model_fields(args)).loc == (3, 6, 9)
     assert (args.lr, args.weight_decay, args.batch_size, args.epochs, args.min_lr, args.warmup_lr) == \
         (1e-4, 0.05, 32, 50, 1e-5, 1e-6)
     lrs = [train.lr_at(e, args) for e in range(50)]
@@ -141,18 +146,20 @@ def test_weight_decay_only_on_weight_matrices():
     assert len(decay) + len(rest) == len(named)
 
 
-def test_ddp_with_two_cpu_processes_matches_a_single_process_evaluation(tmp_path, capsys, monkeypatch):
-    monkeypatch.undo()  # the torchrun processes read the full-size leaves; so must the evaluation below
+def test_ddp_with_two_cpu_processes_matches_a_single_process_evaluation(tmp_path, capsys):
+    data_dir = tiny_folder(tmp_path / 'data', test=3)  # 6 test images: each rank evaluates 3 of them
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    flags = ['--dataset', 'folder', '--data-dir', str(data_dir), '--backbone', 'vit_tiny_patch8_224', '--img-size', '32',
+             '--pretrained', 'none', '--batch-size', '8', '--epochs', '1', '--cache', '--out', str(tmp_path / 'run')]
     run = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                          'train.py', *FAST, '--epochs', '1', '--out', str(tmp_path)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                          'train.py', *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.count('epoch   1/1') == 1  # only rank 0 talks
-    logged = read_log(tmp_path)[0]
-    evaluation.main(['--checkpoint', str(tmp_path / 'last.pt'), '--workers', '0', '--batch-size', '64', '--amp', 'off'])
+    assert run.stdout.count('epoch   1/1') == 1 and 'x2 (gloo)' in run.stdout  # only rank 0 talks
+    assert len(list((data_dir / 'train' / '.resized').glob('*.u8'))) == 1  # rank 0 resized the images, once
+    logged = read_log(tmp_path / 'run')[0]
+    evaluation.main(['--checkpoint', str(tmp_path / 'run' / 'last.pt'), '--workers', '0', '--amp', 'off'])
     single = capsys.readouterr().out
-    assert f"top-1 {logged['top1']:.2f}%" in single  # both processes' halves of the test set, summed
+    assert f"top-1 {logged['top1']:.2f}%" in single  # both processes' shares of the test set, summed
 
 
 @pytest.mark.skipif(os.environ.get('CLCA_TEST_COMPILE') != '1', reason='opt-in: CLCA_TEST_COMPILE=1 (compiles slowly on CPU)')
@@ -206,6 +213,7 @@ def test_device_auto_takes_cuda_then_mps_then_the_cpu(monkeypatch, cuda, mps, ex
             train.parse_args(['--device', 'mps'])
 
 
+@pytest.mark.long
 def test_bf16_training_on_a_cpu_is_finite_resumes_exactly_and_keeps_its_precision(tmp_path, monkeypatch, capsys):
     args = FAST + ['--epochs', '2', '--amp', 'bf16', '--method', 'none', '--no-clc', '--warmup-epochs', '0',
                    '--batch-size', '25']
@@ -243,6 +251,7 @@ def _record_crops(rank, world, port, out, queue):
     queue.put((rank, crops))
 
 
+@pytest.mark.long
 def test_each_rank_draws_its_own_augmentations_and_rank_0_those_of_one_process(tmp_path):
     import socket
     import torch.multiprocessing as mp
@@ -265,6 +274,7 @@ def test_each_rank_draws_its_own_augmentations_and_rank_0_those_of_one_process(t
     assert got[0][:25] == single[:25]         # rank 0 draws what a single process draws
 
 
+@pytest.mark.long
 def test_the_schedule_can_follow_steps_within_an_epoch(tmp_path, monkeypatch):
     rates, real = [], train.lr_at
     monkeypatch.setattr(train, 'lr_at', lambda t, args: rates.append(t) or real(t, args))
@@ -272,3 +282,36 @@ def test_the_schedule_can_follow_steps_within_an_epoch(tmp_path, monkeypatch):
     assert rates[:3] == [0, 1 / 20, 2 / 20] and rates[-1] == 1 + 19 / 20  # 1000 images: 20 steps of 50
     args = train.parse_args(['--epochs', '4', '--warmup-epochs', '2', '--cooldown-epochs', '0', '--lr', '1e-3'])
     assert real(0.5, args) == pytest.approx(args.warmup_lr + 0.25 * (1e-3 - args.warmup_lr))  # mid warm-up
+
+
+@pytest.mark.long
+def test_gradient_norms_are_logged_and_finite(tmp_path):
+    train.main(['--pretrained', 'none', '--img-size', '32', '--batch-size', '50', '--workers', '0', '--epochs', '2',
+                '--warmup-epochs', '0', '--cooldown-epochs', '0', '--out', str(tmp_path)])
+    log = [json.loads(line) for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
+    assert len(log) == 2
+    for m in log:
+        assert math.isfinite(m['grad_norm_mean']) and math.isfinite(m['grad_norm_max'])
+        assert 0 < m['grad_norm_mean'] <= m['grad_norm_max']
+
+
+def test_the_demo_fine_tunes_a_backbone_it_pretrains_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(train.SPECIES, 'epochs', 2)
+    monkeypatch.setattr(data.Leaves, 'per_class', {'train': 10, 'test': 5})
+    flags = ['--epochs', '1', '--batch-size', '20', '--warmup-epochs', '0', '--cooldown-epochs', '0', '--workers', '0']
+    first = train.main(flags + ['--out', 'a'])
+    backbone = tmp_path / 'runs' / 'leaf-species-vit_tiny_patch8_224-48px' / 'last.pt'
+    saved = torch.load(backbone, weights_only=True)
+    assert saved['epoch'] == saved['args']['epochs'] == 2 and saved['args']['method'] == 'none'
+    out = capsys.readouterr().out
+    assert 'pre-training the demo backbone' in out
+    assert f'loaded 148 tensors from {backbone.relative_to(tmp_path)}' in out  # the fine-tuning starts from it
+    stamp = backbone.stat().st_mtime_ns
+    second = train.main(flags + ['--out', 'b'])
+    assert backbone.stat().st_mtime_ns == stamp and 'pre-training' not in capsys.readouterr().out  # reused
+    assert first == {**second, 'images_per_s': first['images_per_s'], 'seconds': first['seconds']}  # same seed, same run
+    tuned = torch.load(tmp_path / 'a' / 'last.pt', weights_only=True)['model']['patch_embed.proj.weight']
+    scratch = train.main(flags + ['--out', 'c', '--pretrained', 'none'])
+    assert scratch['top1'] != first['top1'] or not torch.equal(
+        tuned, torch.load(tmp_path / 'c' / 'last.pt', weights_only=True)['model']['patch_embed.proj.weight'])

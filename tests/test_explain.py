@@ -1,15 +1,15 @@
-"""What the repository teaches with: the generator's evidence masks, evidence recall, the cache trace,
-the logged gradient norms, and the demo's pre-trained backbone."""
-import json
+"""explain.py: the evidence masks, evidence recall, the token trace, the kept-patch picture, the two halves
+of a class."""
 import math
 
 import pytest
 import torch
+from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
 
 import data
 import explain
-import train
-from conftest import toy, trace
+from conftest import official_checkpoint, toy, trace
 from data import PALETTE, build_dataset
 from model import create_model
 
@@ -26,7 +26,7 @@ def test_evidence_masks_cover_the_rendered_spots(size):
         image = ds[i][0] * std + mean                                         # (3, S, S) in [0, 1]
         match = ((image - PALETTE[colour].view(3, 1, 1)).abs().amax(0) < 0.15).float()  # spot-coloured pixels
         per_patch = match.reshape(size // 8, 8, size // 8, 8).sum((1, 3)).flatten()  # (P,)
-        evidence = ds.evidence(i, 8)
+        evidence = explain.evidence(ds, i, 8)
         assert evidence.any()
         assert (per_patch[evidence] >= 1).all()                  # every evidence patch shows the spot colour
         assert evidence[per_patch >= 0.3 * spot_area].all()      # every patch with much spot colour is evidence
@@ -48,14 +48,15 @@ def test_recall_counts_evidence_patches_alone_and_merged(monkeypatch):
         def __getitem__(self, i):
             return torch.zeros(3, 16, 16), 0
 
-        def evidence(self, i, patch):
-            return self.masks[i]
+        def render(self, i):  # a drawn dataset, whose evidence the generator knows
+            raise AssertionError('the masks below stand in for the drawings')
     T = lambda rows: torch.tensor(rows, dtype=torch.bool)
     held = [torch.stack([T([[1, 1, 0, 0], [0, 0, 1, 1]]),     # location 1, image 1: 0 and 1 merged together
                          T([[0, 0, 1, 0], [1, 1, 0, 1]])]),    # image 2: 2 kept alone
             torch.stack([T([[0, 1, 1, 0], [0, 0, 0, 0]]),     # location 2, image 1: 1 merged with 2, 0 gone
                          T([[0, 0, 1, 1], [1, 0, 0, 0]])])]    # image 2: 2 merged with 3
     monkeypatch.setattr(explain, 'held_patches', lambda model, images: held)
+    monkeypatch.setattr(explain, 'evidence', lambda dataset, i, patch: Constructed.masks[i])
     model = create_model('vit_tiny_patch8_224', 2, img_size=16, method='evit', keep=0.5, loc=(1, 2),
                          embed_dim=48, num_heads=3)
     (a1, m1, c1), (a2, m2, c2) = explain.evidence_recall(model, Constructed(), 'cpu')
@@ -109,38 +110,6 @@ def test_the_trace_counts_the_tokens_the_model_runs(method, clc):
     assert any('recovers' in n for row in rows for n in row[3]) == clc
 
 
-def test_gradient_norms_are_logged_and_finite(tmp_path):
-    train.main(['--pretrained', 'none', '--img-size', '32', '--batch-size', '50', '--workers', '0', '--epochs', '2',
-                '--warmup-epochs', '0', '--cooldown-epochs', '0', '--out', str(tmp_path)])
-    log = [json.loads(line) for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
-    assert len(log) == 2
-    for m in log:
-        assert math.isfinite(m['grad_norm_mean']) and math.isfinite(m['grad_norm_max'])
-        assert 0 < m['grad_norm_mean'] <= m['grad_norm_max']
-
-
-def test_the_demo_fine_tunes_a_backbone_it_pretrains_once(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setitem(train.SPECIES, 'epochs', 2)
-    monkeypatch.setattr(data.Leaves, 'per_class', {'train': 10, 'test': 5})
-    flags = ['--epochs', '1', '--batch-size', '20', '--warmup-epochs', '0', '--cooldown-epochs', '0', '--workers', '0']
-    first = train.main(flags + ['--out', 'a'])
-    backbone = tmp_path / 'runs' / 'leaf-species-vit_tiny_patch8_224-48px' / 'last.pt'
-    saved = torch.load(backbone, weights_only=True)
-    assert saved['epoch'] == saved['args']['epochs'] == 2 and saved['args']['method'] == 'none'
-    out = capsys.readouterr().out
-    assert 'pre-training the demo backbone' in out
-    assert f'loaded 148 tensors from {backbone.relative_to(tmp_path)}' in out  # the fine-tuning starts from it
-    stamp = backbone.stat().st_mtime_ns
-    second = train.main(flags + ['--out', 'b'])
-    assert backbone.stat().st_mtime_ns == stamp and 'pre-training' not in capsys.readouterr().out  # reused
-    assert first == {**second, 'images_per_s': first['images_per_s'], 'seconds': first['seconds']}  # same seed, same run
-    tuned = torch.load(tmp_path / 'a' / 'last.pt', weights_only=True)['model']['patch_embed.proj.weight']
-    scratch = train.main(flags + ['--out', 'c', '--pretrained', 'none'])
-    assert scratch['top1'] != first['top1'] or not torch.equal(
-        tuned, torch.load(tmp_path / 'c' / 'last.pt', weights_only=True)['model']['patch_embed.proj.weight'])
-
-
 def test_factor_accuracy_scores_each_half_of_the_class_apart():
     """A model that always answers class 0 (yellow spots, the shortest leaf) gets the colour of half the
     balanced test set right, the length of a fifth, and a tenth of the classes."""
@@ -172,3 +141,17 @@ def test_explain_prints_recall_and_trace_for_a_model_from_flags(capsys):
     assert int(rows[4].split()[1]) == 10  # block 4 enters with CLS, 2 kept, the fused token and 6 recovered
     explain.main(flags + ['--factors'])
     assert capsys.readouterr().out.splitlines()[1].startswith('spot colour ')
+
+
+def test_visualize_writes_a_png_grid(tmp_path):
+    official_checkpoint(tmp_path / 'clca.pth')
+    explain.main(['--checkpoint', str(tmp_path / 'clca.pth'), '--dataset', 'leaves',
+                  '--visualize', str(tmp_path / 'kept.png')])
+    png = Image.open(tmp_path / 'kept.png')
+    assert png.format == 'PNG'
+    # columns: image + 3 locations; 6 images; 32 px scaled up 4x so that an 8-px patch is 32 screen pixels
+    assert png.size == (4 * (128 + 2) + 2, explain.HEADING + 6 * (128 + 2) + 2)
+    pixels = pil_to_tensor(png.convert('RGB'))  # (3, H, W)
+    assert (pixels == torch.tensor([0, 255, 255]).view(3, 1, 1)).all(0).sum() > 100  # the evidence outlines, in cyan
+    heading = pixels[:, :explain.HEADING].sum(0) < 3 * 128  # dark text on white, above every column
+    assert all(heading[:, c * 130:(c + 1) * 130].sum() > 20 for c in range(4))
