@@ -1,14 +1,11 @@
-"""Run CLCA models: build one from flags or a checkpoint, evaluate it, measure what it costs.
+"""Run CLCA models: build one from flags or a checkpoint, evaluate it, measure what it costs. Also what
+train.py and explain.py share: the model flags, the machine's defaults, `evaluate`, one-line errors.
 
     python eval.py --checkpoint runs/leaves/last.pt             # top-1 / top-5 on the test split
     python eval.py --checkpoint clca.pth --dataset soyageing    # a checkpoint of the paper's code
     python eval.py --cost --method evit --keep 0.1 --clc --cla  # params, GMACs, images/s, peak memory
-    python eval.py --cost --train --method evit --keep 0.1 --clc --cla --batch-size 32   # a training step
     python eval.py --sweep --methods none evit topk --keeps 0.1 0.5 0.7   # cost table
     python eval.py --sweep --checkpoints runs/*/ --plot acc.svg            # accuracy over seeds, and a plot
-
-Also what train.py and explain.py share: the model flags, the machine's defaults, `evaluate`, one-line errors.
-Not here: what happens inside a model (explain.py).
 """
 import argparse
 import itertools
@@ -73,12 +70,10 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def runtime_defaults(args, device: torch.device, train_width: int = 0):
-    """Fill, where not given, the flags whose best value depends on the machine (docs/RESULTS.md has the
-    measurements behind each rule). `train_width` is the model's width when it is to be trained, else 0.
-    - Precision: bf16 where the hardware has it, but training a model narrower than 384 on a CPU stays fp32,
-      where autocast's casts cost more than bf16 matmuls save; fp16 with loss scaling on older GPUs; else fp32.
-    - Compile: on CUDA, except for ATS, whose image-dependent token counts would recompile the graph.
-    - Workers: on CUDA this node's cores split over its processes; on a CPU or MPS the main process loads."""
+    """Fill, where not given, the flags whose best value depends on the machine (docs/RESULTS.md: why). Precision:
+    bf16 where the hardware has it, but fp32 to train a model narrower than 384 on a CPU (`train_width`), where
+    autocast costs more than it saves; fp16 with loss scaling on older GPUs; else fp32. Compile: on CUDA, but not
+    ATS, whose token counts vary. Workers: on CUDA the node's cores split over its processes; else 0."""
     cuda = device.type == 'cuda'
     if args.amp is None and native_bf16(device) and not (device.type == 'cpu' and 0 < train_width < 384):
         args.amp = 'bf16'
@@ -134,15 +129,13 @@ def parse_args(argv=None):
     a('--sweep', action='store_true', help='one table over --methods x --keeps (or over --checkpoints)')
     a('--methods', nargs='+', choices=METHODS, default=['none', 'evit', 'topk'])
     a('--keeps', type=float, nargs='+', default=[0.1, 0.25, 0.5, 0.7])
-    a('--checkpoints', nargs='+', help='sweep rows from checkpoints (re-evaluated) or run folders (the top-1 their '
-      'run logged after its last epoch); runs that differ only in the seed share a row (mean, std, count)')
+    a('--checkpoints', nargs='+', help='sweep over checkpoints (evaluated) or run folders (their logged top-1)')
     a('--plot', metavar='SVG', help='with --sweep --checkpoints or --table: draw top-1 against GMACs')
     a('--table', metavar='MD', help='with --plot: draw the first sweep table in this markdown file')
     add_model_flags(p)  # they describe the model when no checkpoint does, and override a checkpoint's settings
     a('--num-classes', type=int)
     a('--batch-size', type=int, help='default 32 on CUDA, 4 on CPU')
-    a('--amp', choices=('bf16', 'fp16', 'off'), help='precision (default: bf16 where the hardware has it, fp16 on '
-      'older GPUs, else off); inference casts the model to it once, --train uses autocast')
+    a('--amp', choices=('bf16', 'fp16', 'off'), help='precision (default: what the hardware runs fast)')
     a('--compile', action='store_true', help='time the torch.compile-d model')
     a('--workers', type=int, help='data loading processes (default: the cores on CUDA, 0 on a CPU)')
     a('--device', choices=DEVICES, default='auto', help='auto: CUDA, else Apple MPS, else the CPU')
@@ -170,8 +163,7 @@ def build(args, checkpoint=None):
 
 
 def recorded_run(folder):
-    """(model, saved record, top-1) of a finished train.py run, from config.json and the last line of its
-    log.jsonl: nothing is read or evaluated again, so runs trained elsewhere are tabulated from two small files."""
+    """(model, saved record, top-1) of a finished train.py run, from config.json and its log's last line alone."""
     try:
         saved = json.loads((Path(folder) / 'config.json').read_text())
         last = json.loads((Path(folder) / 'log.jsonl').read_text().splitlines()[-1])
@@ -319,8 +311,7 @@ def plot(rows, path):
     ys = nice_ticks(min(r['mean'] - r['std'] for r in rows), max(r['mean'] + r['std'] for r in rows))
     px = lambda x: L + (x - xs[0]) / (xs[-1] - xs[0]) * (W - L - R)
     py = lambda y: H - B - (y - ys[0]) / (ys[-1] - ys[0]) * (H - B - T)
-    colours = dict(zip(METHODS, ['#444', '#1f77b4', '#17becf', '#ff7f0e', '#2ca02c', '#9467bd', '#8c564b', '#e377c2',
-                                 '#d62728']))
+    colours = dict(zip(METHODS, '#444 #1f77b4 #17becf #ff7f0e #2ca02c #9467bd #8c564b #e377c2 #d62728'.split()))
     square = [(-5, -5), (5, -5), (5, 5), (-5, 5)]
     shapes = {(False, False): ('base', square), (True, True): ('CLCA', square),
               (True, False): ('CLC only', [(0, -6), (6, 5), (-6, 5)]),
@@ -330,10 +321,9 @@ def plot(rows, path):
         f'fill="{"white" if key == (False, False) else colour}" stroke="{colour}" stroke-width="2"/>')
     seeds = sorted({r['seeds'] for r in rows})
     span = f'{seeds[0]}–{seeds[-1]}' if len(seeds) > 1 else f'{seeds[0]}'
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
-           f'font-size="12"><rect width="{W}" height="{H}" fill="white"/>',
-           f'<text x="{(L + W - R) / 2}" y="22" text-anchor="middle" font-size="14">Test top-1 against cost (mean '
-           f'and one std over {span} seeds)</text>']
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">'
+           f'<rect width="{W}" height="{H}" fill="white"/>', f'<text x="{(L + W - R) / 2}" y="22" text-anchor="middle" '
+           f'font-size="14">Test top-1 against cost (mean and one std over {span} seeds)</text>']
     for x in xs:  # light gridlines and round tick values
         out += [f'<line x1="{px(x):.1f}" y1="{T}" x2="{px(x):.1f}" y2="{H - B}" stroke="#e4e4e4"/>',
                 f'<text x="{px(x):.1f}" y="{H - B + 16}" text-anchor="middle">{x:g}</text>']
@@ -355,15 +345,14 @@ def plot(rows, path):
         colour = colours[r['method']]
         out += [f'<line x1="{x:.1f}" y1="{py(r["mean"] - r["std"]):.1f}" x2="{x:.1f}" '
                 f'y2="{py(r["mean"] + r["std"]):.1f}" stroke="{colour}"/>', marker((r['clc'], r['cla']), x, y, colour)]
-        if r['method'] == 'none':
-            continue  # no keep rate to name
         w = 7 * len(r['keep'])  # about 7 px per character at 12 px
         for dx, dy in ((9, -4), (9, 9), (-9 - w, -4), (-9 - w, 9), (-w / 2, -20), (-w / 2, 12)):
             box = (x + dx, y + dy - 5, x + dx + w, y + dy + 8)
             if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in taken):
                 break
-        taken.append(box)
-        out.append(f'<text x="{box[0]:.1f}" y="{box[3] - 2:.1f}" fill="{colour}">{r["keep"]}</text>')
+        if r['method'] != 'none':  # which has no keep rate to name
+            taken.append(box)
+            out.append(f'<text x="{box[0]:.1f}" y="{box[3] - 2:.1f}" fill="{colour}">{r["keep"]}</text>')
     legend = [(m, colours[m], None) for m in dict.fromkeys(r['method'] for r in rows)]
     legend += [(shapes[k][0], '#444', k) for k in dict.fromkeys((r['clc'], r['cla']) for r in rows)]
     for i, (label, colour, key) in enumerate(legend):
@@ -397,9 +386,10 @@ def main(argv=None):
               f'per stage {tokens_per_stage(cfg)}; precision {args.amp} on {device.type}')
         if args.cost:
             c = cost(model, args, device)
+            what = 'training' if args.train else 'inference'
             print(f"{c['params_M']:.2f} M parameters, {c['GMACs']:.3f} GMACs, {c['images_per_s']:.2f} images/s of "
-                  f"{'training' if args.train else 'inference'} (batch {args.batch_size}, {device.type}, amp {args.amp}, "
-                  f"compile {args.compile}, warm-up {c['warmup_s']:.1f} s), peak memory {c['peak_MiB']:.0f} MiB")
+                  f"{what} (batch {args.batch_size}, {device.type}, amp {args.amp}, compile {args.compile}, warm-up "
+                  f"{c['warmup_s']:.1f} s), peak memory {c['peak_MiB']:.0f} MiB")
         else:
             res = accuracy(model, eval_split(args, model, raw), args, device)
             print(f"{args.split} top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['test_loss']:.4f}")

@@ -6,9 +6,8 @@ it, and what the token sequence holds block by block (the Cross-Layer Cache, tok
     python explain.py --checkpoint runs/leaves/last.pt --visualize kept.png  # the patches that survive
     python explain.py --checkpoint runs/leaves/last.pt --factors             # which half of the class it gets wrong
 
-The evidence comes from the embedded leaves, whose generator knows where each image's class lives. A
-model is found as eval.py finds it: from a checkpoint, or from the model flags alone (random weights,
-drawn with --seed). Everything runs in fp32: the trace compares token rows for equality.
+The evidence comes from the leaves, whose generator knows where each class lives. A model is found as eval.py
+finds it, from a checkpoint or from the model flags alone (random weights, --seed); everything runs in fp32.
 """
 import argparse
 import math
@@ -38,14 +37,11 @@ def parse_args(argv=None):
     a('--data-dir', help='dataset folder (default data/<dataset>)')
     a('--split', choices=('train', 'test'), default='test')
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument('--recall', action='store_true', help='leaves: the share of evidence patches that keep '
-                      'a token of their own after each reduction, against chance, and the share merged with others')
-    what.add_argument('--trace', type=int, metavar='I', help='print, block by block, what the sequence of image I holds')
+    what.add_argument('--recall', action='store_true', help='leaves: the evidence patches kept after each reduction')
+    what.add_argument('--trace', type=int, metavar='I', help='print what the sequence of image I holds, block by block')
     what.add_argument('--visualize', metavar='PNG', help='write a grid of the patches that survive each reduction')
-    what.add_argument('--factors', action='store_true', help="leaves: how often the prediction gets each half of "
-                      "the class right, the spots' colour and the leaf's length (the marks or the outline)")
-    # model flags: they describe the model when no checkpoint does, and override a checkpoint's settings
-    add_model_flags(p)
+    what.add_argument('--factors', action='store_true', help="leaves: how often each half of the class is right")
+    add_model_flags(p)  # they describe the model when no checkpoint does, and override a checkpoint's settings
     a('--num-classes', type=int)
     a('--seed', type=int, default=0, help='the random weights of a model built without a checkpoint')
     a('--device', choices=DEVICES, default='auto', help='auto: CUDA, else Apple MPS, else the CPU')
@@ -53,8 +49,7 @@ def parse_args(argv=None):
 
 
 def run_with_hooks(model, images, hooks):
-    """Run `model` on `images` in eval mode without gradients, then remove `hooks`, the handles of the
-    hooks the caller registered to record what it needs."""
+    """Run `model` on `images` in eval mode without gradients, then remove `hooks` (the caller's recorders)."""
     try:
         with torch.no_grad():
             return model.eval()(images)
@@ -182,7 +177,8 @@ def trace(model, image) -> list:
     holds on the way in: (block, {kind: count}, [alive patches as (row, col)], what happens in the block).
     Kinds: CLS, patch, CLR (the carriers), cache (entries recovered from the cross-layer cache), and the
     tokens a reduction makes (EViT's fused token, ToMe's merged tokens, pooled clusters)."""
-    side, made = model.cfg.img_size // model.cfg.patch_size, {'evit': 'fused', 'tome': 'merged'}.get(model.cfg.method, 'pooled')
+    side = model.cfg.img_size // model.cfg.patch_size
+    made = {'evit': 'fused', 'tome': 'merged'}.get(model.cfg.method, 'pooled')  # what a reduction's new tokens are
     kinds = ['CLS'] + ['patch'] * model.num_patches + ['CLR'] * model.num_clr  # one per token, in order
     rows = []
 

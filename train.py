@@ -5,10 +5,10 @@
     torchrun --nproc_per_node 4 train.py --dataset soyageing --keep 0.1   # the same on 4 GPUs (DDP)
     python train.py --resume runs/leaves/last.pt     # continue a run exactly where it stopped
 
-Not here: how a model is built, evaluated and run on a machine (the model flags, the precision and device
-defaults, `evaluate`), which eval.py owns and this file imports.
+Not here: building, evaluating and running a model on a machine (eval.py, which this file imports).
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -31,8 +31,7 @@ from weights import CheckpointError, load_weights, open_checkpoint, pretrained_u
 # Every default has one home here: the paper's recipe for real data (its model: model.CLCA) ...
 PAPER = dict(backbone=PAPER_BACKBONE, img_size=PAPER_SIZE, pretrained='auto', epochs=50, warmup_epochs=2,
              cooldown_epochs=5, batch_size=32, lr=1e-4, schedule='epoch')
-# ... and the embedded demo's: it fine-tunes, as the paper does, a plain ViT pre-trained first on leaf-species
-# (made once), at the paper's lr; a smooth per-step schedule suits its short run
+# ... and the demo's: it fine-tunes a ViT pre-trained on leaf-species (made once) at the paper's lr, stepped smoothly
 LEAVES = dict(backbone='vit_tiny_patch8_224', img_size=48, pretrained='auto', epochs=8, warmup_epochs=1,
               cooldown_epochs=1, batch_size=32, lr=1e-4, schedule='step')
 SPECIES = dict(LEAVES, pretrained='none', epochs=5, lr=1e-3, method='none', clc=False, cla=False)
@@ -47,14 +46,12 @@ def parse_args(argv=None):
     """Every flag defaults to None here and is filled from the recipe, so that what was given can be told."""
     p = argparse.ArgumentParser(description='Train a ViT with token reduction and CLCA.')
     a = p.add_argument
-    a('--dataset', choices=DATASETS, help='leaves (embedded, default), folder (any layout at --data-dir) or a UFG '
-      'dataset')
+    a('--dataset', choices=DATASETS, help='leaves (default), folder (any layout at --data-dir) or a UFG dataset')
     a('--data-dir', help='dataset folder (default data/<dataset>)')
     a('--pretrained', help="'auto' (the backbone's weights, downloaded; for leaves, pre-trained on leaf-species "
       "once), a path or URL, or 'none' (from scratch)")
     add_model_flags(p)
-    a('--norm', choices=('imagenet', 'backbone'), help="input statistics: ImageNet's (default, as the paper's "
-      "code) or the backbone's own")
+    a('--norm', choices=('imagenet', 'backbone'), help="input statistics: ImageNet's (default) or the backbone's")
     a('--aug', choices=AUGMENTATIONS, help="training augmentation: 'weak' (random crop and flip, default) or "
       "'trivial' (plus TrivialAugmentWide, one of the paper's configs for Cotton and SoyLocal)")
     a('--epochs', type=int, help='total epochs, cool-down included (paper: 50)')
@@ -62,17 +59,14 @@ def parse_args(argv=None):
     a('--cooldown-epochs', type=int, help='epochs at --min-lr after the cosine (paper: 5)')
     a('--batch-size', type=int, help='global batch size, split over the processes (paper: 32)')
     a('--lr', type=float, help='peak learning rate of AdamW (paper: 1e-4)')
-    a('--schedule', choices=('epoch', 'step'), help="when the rate changes: once per epoch, as the paper's timm "
-      "scheduler (default), or at every step (the demo's: a smooth warm-up for short runs)")
+    a('--schedule', choices=('epoch', 'step'), help="the rate changes once per epoch (the paper's) or at every step")
     a('--min-lr', type=float, help='cosine floor and cool-down rate (default lr / 10)')
     a('--warmup-lr', type=float, help='warm-up start (default lr / 100)')
     a('--weight-decay', type=float, help='on weights with 2 or more dims only (default 0.05)')
     a('--clip-grad', type=float, help='max gradient norm (default 0: off)')
-    a('--amp', choices=('bf16', 'fp16', 'off'), help='mixed precision (default: bf16 where the hardware has it, '
-      'fp16 on older GPUs, off elsewhere)')
+    a('--amp', choices=('bf16', 'fp16', 'off'), help='mixed precision (default: what the hardware runs fast)')
     a('--compile', action=BooleanOptionalAction, help='torch.compile (default on for CUDA, except ATS)')
-    a('--workers', type=int, help="data loading processes per process (default: on CUDA this node's cores split "
-      'over its processes; on a CPU or MPS 0: the main process loads)')
+    a('--workers', type=int, help='loading processes per process (default: the cores per process on CUDA, else 0)')
     a('--cache', action=BooleanOptionalAction, help='resize every image once and keep it on disk beside the '
       'images, so an epoch only crops, flips and normalises: the same pixels, faster (default on for CUDA)')
     a('--device', choices=DEVICES, help='auto (default): CUDA, else Apple MPS, else the CPU')
@@ -91,8 +85,7 @@ def parse_args(argv=None):
         args.device = args.device or RECIPE['device']
         return args
     phases_given = {k for k in ('warmup_epochs', 'cooldown_epochs') if getattr(args, k) is not None}
-    dataset = args.dataset or RECIPE['dataset']
-    for key, value in {**RECIPE, **CLCA, **PRESETS.get(dataset, PAPER)}.items():
+    for key, value in {**RECIPE, **CLCA, **PRESETS.get(args.dataset or RECIPE['dataset'], PAPER)}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.min_lr is None:
@@ -142,18 +135,13 @@ def param_groups(model, weight_decay):
 
 def out_dir(args) -> Path:
     """--out, else runs/<dataset>, numbered (runs/<dataset>-2, ...) if taken."""
-    if args.out:
-        return Path(args.out)
-    n = 1
-    while Path('runs', args.dataset + (f'-{n}' if n > 1 else '')).exists():
-        n += 1
-    return Path('runs', args.dataset + (f'-{n}' if n > 1 else ''))
+    names = (Path('runs', args.dataset + (f'-{n}' if n > 1 else '')) for n in itertools.count(1))
+    return Path(args.out) if args.out else next(path for path in names if not path.exists())
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """The seed of one epoch on one process. It depends on (seed, epoch, rank) only, so a resumed run draws
-    what the uninterrupted one drew; rank 0 uses seed + epoch, so one process runs as it always did; other
-    ranks are offset so that their crops, flips and reduction noise differ from rank 0's."""
+    """The seed of one epoch on one process, a function of (seed, epoch, rank) only: a resumed run draws what the
+    uninterrupted one drew, and each rank its own crops, flips and noise (rank 0 those of a single process)."""
     return seed + epoch + 1_000_003 * rank
 
 
@@ -195,8 +183,7 @@ def train(args):
         ckpt = open_checkpoint(args.resume)
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get('args'), dict) or 'config' not in ckpt:
             raise CheckpointError(f'{args.resume} was not written by train.py: --resume continues its own runs only')
-        # the saved recipe (runs saved before --schedule existed: per epoch), the saved precision unless --amp is
-        # given, and this machine's flags
+        # the saved recipe (per-epoch schedule if saved before --schedule), its precision unless --amp is given
         machine = {k: getattr(args, k) for k in MACHINE if getattr(args, k) is not None or k != 'amp'}
         args = argparse.Namespace(**{'schedule': 'epoch', **ckpt['args'], **machine})
         how = 'given' if how == 'given' else 'saved'
@@ -295,14 +282,14 @@ def train(args):
                                          'lower --lr, or set --clip-grad 1.0')
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)  # the norm is logged (and clipped) on the true gradients, whatever the loss scale
+            scaler.unscale_(optimizer)  # the norm is logged (and clipped) on the true gradients, whatever the scale
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad or math.inf).item()
             if math.isfinite(norm):  # an fp16 step the scaler skips has no norm worth logging
                 norms.append(norm)
             scaler.step(optimizer)
             scaler.update()
-            totals += torch.tensor([loss.item() * len(labels), (logits.argmax(-1) == labels).sum().item(), len(labels)],
-                                   dtype=torch.float64, device=device)
+            correct = (logits.argmax(-1) == labels).sum().item()
+            totals += torch.tensor([loss.item() * len(labels), correct, len(labels)], dtype=totals.dtype, device=device)
             speed = totals[2].item() * world / (time.perf_counter() - t0)
             bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{lr:.1e}', img_s=f'{speed:.0f}')
         if distributed:
