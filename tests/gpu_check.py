@@ -32,6 +32,7 @@ from torchvision.transforms.functional import to_pil_image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from data import build_dataset, render_leaf
+from eval import runtime_defaults
 from reduce import METHODS
 
 CLASSES = 198  # the synthetic data poses as SoyAgeing
@@ -139,7 +140,9 @@ def main(argv=None):
         rows.append(f"| {method} | {default['gmacs']:.2f} | {default['ips']:.0f} | {default['warmup']:.0f} | "
                     f"{default['peak']:.1f} | {paper['ips']:.0f} | {paper['peak']:.1f} | "
                     f"{default['ips'] / paper['ips']:.2f}x |")
-    workers = os.cpu_count() if size['device'] == 'cuda' else 0  # train.py's default for one process
+    machine = argparse.Namespace(amp=None, compile=None, workers=None, method='evit')
+    runtime_defaults(machine, torch.device(size['device']))  # train.py's loader processes on this machine
+    workers = machine.workers
     decoded, cached = loader_speed(out / 'data', size, workers, False), loader_speed(out / 'data', size, workers, True)
     trained = end_to_end(out / 'data', out / 'train', size)
     where = torch.cuda.get_device_name() if size['device'] == 'cuda' else 'CPU (dry run)'
