@@ -88,28 +88,28 @@ class ImageList(Dataset):
         return self.transform(img), label
 
 
-def resize_once(dataset: ImageList, img_size: int, workers: int) -> Path:
-    """Decode and `resize` every image of `dataset` once into one uint8 file (N, 3, side, side) in a `.resized`
+def resize_once(samples, img_size: int, workers: int) -> Path:
+    """Decode and `resize` the images of `samples` once into one uint8 file (N, 3, side, side) in a `.resized`
     folder beside the images; returns its path. Its name hashes all its pixels depend on: each image's path,
     size and modification time, the side and PIL's version: a changed image or size gets a new file."""
-    side = int(img_size / 0.875)
-    folder = Path(os.path.commonpath([p.parent for p, _ in dataset.samples])) / '.resized'
+    side = resize(img_size).size[0]
+    folder = Path(os.path.commonpath([p.parent for p, _ in samples])) / '.resized'
     try:
-        stamps = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p, _ in dataset.samples]
+        stamps = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p, _ in samples]
         key = hashlib.sha256(json.dumps([stamps, side, PIL.__version__]).encode()).hexdigest()[:16]
         path = folder / f'{side}px-{key}.u8'
         if path.exists():
             return path
         folder.mkdir(exist_ok=True)
         tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')  # renamed when complete: no half-written file is used
-        out = torch.from_file(str(tmp), shared=True, size=len(dataset) * side * side * 3, dtype=torch.uint8)
+        out = torch.from_file(str(tmp), shared=True, size=len(samples) * side * side * 3, dtype=torch.uint8)
     except OSError as e:
         raise DatasetError(f'{e.filename}: {e.strerror}; the images must be readable and {folder} writable '
                            '(or train with --no-cache)') from None
-    out = out.view(len(dataset), 3, side, side)
-    plain = ImageList(dataset.samples, dataset.num_classes, T.Compose([resize(img_size), T.PILToTensor()]))
+    out = out.view(len(samples), 3, side, side)
+    plain = ImageList(samples, 0, T.Compose([resize(img_size), T.PILToTensor()]))  # decoded and resized, as uint8
     done = 0
-    for images, _ in tqdm(DataLoader(plain, 32, num_workers=workers), desc=f'resizing {len(dataset)} images once'):
+    for images, _ in tqdm(DataLoader(plain, 32, num_workers=workers), desc=f'resizing {len(samples)} images once'):
         out[done:done + len(images)] = images  # (B, 3, side, side)
         done += len(images)
     del out
@@ -181,10 +181,9 @@ def build_dataset(name: str, split: str, img_size: int, data_dir=None, mean=None
     if bad:
         raise DatasetError(f'{bad[0][0]}: label {bad[0][1]} is outside 0..{num_classes - 1} '
                            f'({name} has {num_classes} classes)')
-    dataset = ImageList(samples, num_classes, transforms(img_size, augment, mean, std))
     if cache_workers is None or augment == 'trivial':
-        return dataset, num_classes
-    resized = resize_once(dataset, img_size, cache_workers)
+        return ImageList(samples, num_classes, transforms(img_size, augment, mean, std)), num_classes
+    resized = resize_once(samples, img_size, cache_workers)
     return ImageList(samples, num_classes, transforms(img_size, augment, mean, std, resized=True), resized), num_classes
 
 
@@ -211,7 +210,7 @@ class Leaves(Dataset):
     def __init__(self, split, img_size, transform, seed=0, task='cultivar'):
         self.split = split
         self.img_size = img_size
-        self.size = int(img_size / 0.875)  # drawn at the resized side, then cropped
+        self.size = resize(img_size).size[0]  # drawn at the resized side, then cropped
         self.transform = transform
         self.seed = seed
         self.task = task

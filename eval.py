@@ -73,7 +73,8 @@ def runtime_defaults(args, device: torch.device, train_width: int = 0):
     """Fill, where not given, the flags whose best value depends on the machine (docs/RESULTS.md: why). Precision:
     bf16 where the hardware has it, but fp32 to train a model narrower than 384 on a CPU (`train_width`), where
     autocast costs more than it saves; fp16 with loss scaling on older GPUs; else fp32. Compile: on CUDA, but not
-    ATS, whose token counts vary. Workers: on CUDA the node's cores split over its processes; else 0."""
+    ATS, whose token counts vary. Workers: on CUDA the node's cores split over its processes; else 0. The resize
+    cache of training (`--cache`, data.resize_once): on CUDA, where loading must keep up with the model."""
     cuda = device.type == 'cuda'
     if args.amp is None and native_bf16(device) and not (device.type == 'cpu' and 0 < train_width < 384):
         args.amp = 'bf16'
@@ -83,6 +84,8 @@ def runtime_defaults(args, device: torch.device, train_width: int = 0):
         args.compile = cuda and args.method != 'ats'
     if args.workers is None:
         args.workers = max(1, (os.cpu_count() or 1) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))) if cuda else 0
+    if getattr(args, 'cache', False) is None:  # train.py's flag only
+        args.cache = cuda
 
 
 def autocast_args(amp: str, device: torch.device) -> dict:

@@ -17,8 +17,8 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
-from torch.utils.data import DataLoader
 from PIL import Image, ImageDraw, ImageFont
+from torch.utils.data import DataLoader
 from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
 
@@ -112,7 +112,7 @@ def evidence_recall(model, dataset, device, batch: int = 100) -> list:
         images = torch.stack([dataset[i][0] for i in ids]).to(device, dtype)
         marks = torch.stack([evidence(dataset, i, p) for i in ids])                       # (B, P)
         for s, src in enumerate(held_patches(model, images)):                            # src (B, N, P)
-            mixing = (src & ~marks[:, None]).any(-1)                                  # (B, N) holds non-evidence
+            mixing = (src & ~marks[:, None]).any(-1)                                     # (B, N) holds non-evidence
             alone = (src & (src.any(-1) & ~mixing)[..., None]).any(1) & marks           # (B, P)
             mixed = (src & mixing[..., None]).any(1) & marks & ~alone
             own = (src & (src.sum(-1) == 1)[..., None]).any(1)                           # (B, P)

@@ -188,8 +188,6 @@ def train(args):
         args = argparse.Namespace(**{'schedule': 'epoch', **ckpt['args'], **machine})
         how = 'given' if how == 'given' else 'saved'
     runtime_defaults(args, device, backbone_config(args.backbone, **model_fields(args)).embed_dim)
-    if args.cache is None:
-        args.cache = device.type == 'cuda'
     amp = autocast_args(args.amp, device)
     torch.manual_seed(args.seed)
 
