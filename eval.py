@@ -5,12 +5,11 @@ train.py and explain.py share: the model flags, the machine's defaults, `evaluat
     python eval.py --checkpoint clca.pth --dataset soyageing    # a checkpoint of the paper's code
     python eval.py --cost --method evit --keep 0.1 --clc --cla  # params, GMACs, images/s, peak memory
     python eval.py --sweep --methods none evit topk --keeps 0.1 0.5 0.7   # cost table
-    python eval.py --sweep --checkpoints runs/*/ --plot acc.svg            # accuracy over seeds, and a plot
+    python eval.py --sweep --checkpoints runs/*/ > runs.md              # top-1 over seeds; plot.py draws it
 """
 import argparse
 import itertools
 import json
-import math
 import os
 import re
 import resource
@@ -133,8 +132,6 @@ def parse_args(argv=None):
     a('--methods', nargs='+', choices=METHODS, default=['none', 'evit', 'topk'])
     a('--keeps', type=float, nargs='+', default=[0.1, 0.25, 0.5, 0.7])
     a('--checkpoints', nargs='+', help='sweep over checkpoints (evaluated) or run folders (their logged top-1)')
-    a('--plot', metavar='SVG', help='with --sweep --checkpoints or --table: draw top-1 against GMACs')
-    a('--table', metavar='MD', help='with --plot: draw the first sweep table in this markdown file')
     add_model_flags(p)  # they describe the model when no checkpoint does, and override a checkpoint's settings
     a('--num-classes', type=int)
     a('--batch-size', type=int, help='default 32 on CUDA, 4 on CPU')
@@ -239,10 +236,10 @@ def run_key(cfg, raw) -> str:
     return json.dumps([asdict(cfg), recipe], sort_keys=True, default=str)
 
 
-def sweep(args, device) -> list:
-    """One markdown table: a row per method x keep x CLCA, or per run of --checkpoints, where checkpoints that
-    differ only in their seed (or the machine) share a row: top-1 as mean ± sample std over them, and their
-    count. Returns the rows that have a top-1 (for --plot)."""
+def sweep(args, device):
+    """Print one markdown table: a row per method x keep x CLCA, or per run of --checkpoints, where checkpoints
+    that differ only in their seed (or the machine) share a row: top-1 as mean ± sample std over them, and their
+    count. plot.py draws such a table."""
     groups = {}  # run key -> (the model of its first checkpoint, top-1 of each checkpoint)
     if args.checkpoints and model_fields(args) and any(Path(c).is_dir() for c in args.checkpoints):
         raise ValueError('a run folder reports the model it trained: drop the model flags, or pass last.pt files')
@@ -259,110 +256,16 @@ def sweep(args, device) -> list:
             flags = dict(method=method, keep=[keep], clc=clca, cla=clca)
             groups[len(groups)] = (build(argparse.Namespace(**{**vars(args), **flags}))[0], [])
     print('| method | keep | CLC | CLA | tokens per stage | GMACs | images/s | top-1 | seeds |\n|' + '---|' * 9)
-    rows = []
     for model, tops in groups.values():
         cfg = model.cfg
         c = cost(model, args, device)
         keep = '/'.join(f'{k:g}' for k in cfg.keep) if cfg.method != 'none' else '1'
         top1 = '-'
         if tops:
-            std = statistics.stdev(tops) if len(tops) > 1 else 0.0
-            rows.append(dict(method=cfg.method, keep=keep, clc=cfg.clc, cla=cfg.cla, gmacs=c['GMACs'],
-                             mean=statistics.mean(tops), std=std, seeds=len(tops)))
-            top1 = f"{rows[-1]['mean']:.1f}" + (f' ± {std:.1f}' if len(tops) > 1 else '')
+            top1 = f'{statistics.mean(tops):.1f}' + (f' ± {statistics.stdev(tops):.1f}' if len(tops) > 1 else '')
         print(f"| {cfg.method} | {keep} | {'on' if cfg.clc else 'off'} | {'on' if cfg.cla else 'off'} | "
               f"{tokens_per_stage(cfg)} | {c['GMACs']:.3f} | {c['images_per_s']:.1f} | {top1} | {len(tops) or '-'} |",
               flush=True)
-    return rows
-
-
-def read_table(path) -> list:
-    """The rows of the first markdown table in `path` with the columns method, keep, CLC, CLA, GMACs, top-1 and
-    seeds, as --sweep prints them (other columns are ignored): a table measured before, to draw again."""
-    rows, header = [], None
-    for line in Path(path).read_text().splitlines():
-        cells = [c.strip().strip('*') for c in line.strip().strip('|').split('|')]
-        if header is None and {'method', 'keep', 'CLC', 'CLA', 'GMACs', 'top-1', 'seeds'} <= set(cells):
-            header = cells
-        elif header is not None and not line.startswith('|'):
-            break
-        elif header is not None and not set(line) <= set('|-: '):  # a row, not the rule under the header
-            row = dict(zip(header, cells))
-            top1 = re.match(r'([\d.]+)(?: ± ([\d.]+))?', row['top-1'])
-            rows.append(dict(method=row['method'], keep=row['keep'], clc=row['CLC'] == 'on', cla=row['CLA'] == 'on',
-                             gmacs=float(row['GMACs']), mean=float(top1[1]), std=float(top1[2] or 0),
-                             seeds=int(row['seeds'])))
-    if not rows:
-        raise ValueError(f'{path} has no table with the columns method, keep, CLC, CLA, GMACs, top-1 and seeds')
-    return rows
-
-
-def nice_ticks(lo: float, hi: float, most: int = 6) -> list:
-    """Round tick values, steps of 1, 2 or 5 x 10^k, from at or below `lo` to at or above `hi`."""
-    unit = 10 ** math.floor(math.log10((hi - lo) / most))
-    step = next(unit * m for m in (1, 2, 5, 10) if (hi - lo) / (unit * m) <= most)
-    first = math.floor(lo / step) * step
-    return [round(first + i * step, 10) for i in range(math.ceil(round((hi - first) / step, 6)) + 1)]
-
-
-def plot(rows, path):
-    """Top-1 against GMACs as an SVG (no plotting library), drawn like the paper's figure: a colour per method,
-    a marker per CLC/CLA setting (hollow: neither), a line joining the keep rates of each method and setting,
-    the keep rate beside each point where it overlaps nothing, error bars of one standard deviation."""
-    W, H, L, T, B, R = 680, 440, 60, 40, 50, 150  # canvas; left, top, bottom and right (legend) margins, in pixels
-    xs = nice_ticks(min(r['gmacs'] for r in rows), max(r['gmacs'] for r in rows))
-    ys = nice_ticks(min(r['mean'] - r['std'] for r in rows), max(r['mean'] + r['std'] for r in rows))
-    px = lambda x: L + (x - xs[0]) / (xs[-1] - xs[0]) * (W - L - R)
-    py = lambda y: H - B - (y - ys[0]) / (ys[-1] - ys[0]) * (H - B - T)
-    colours = dict(zip(METHODS, '#444 #1f77b4 #17becf #ff7f0e #2ca02c #9467bd #8c564b #e377c2 #d62728'.split()))
-    square = [(-5, -5), (5, -5), (5, 5), (-5, 5)]
-    shapes = {(False, False): ('base', square), (True, True): ('CLCA', square),
-              (True, False): ('CLC only', [(0, -6), (6, 5), (-6, 5)]),
-              (False, True): ('CLA only', [(0, -6), (6, 0), (0, 6), (-6, 0)])}
-    marker = lambda key, x, y, colour: (
-        f'<polygon points="{" ".join(f"{x + a:.1f},{y + b:.1f}" for a, b in shapes[key][1])}" '
-        f'fill="{"white" if key == (False, False) else colour}" stroke="{colour}" stroke-width="2"/>')
-    seeds = sorted({r['seeds'] for r in rows})
-    span = f'{seeds[0]}–{seeds[-1]}' if len(seeds) > 1 else f'{seeds[0]}'
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">'
-           f'<rect width="{W}" height="{H}" fill="white"/>', f'<text x="{(L + W - R) / 2}" y="22" text-anchor="middle" '
-           f'font-size="14">Test top-1 against cost (mean and one std over {span} seeds)</text>']
-    for x in xs:  # light gridlines and round tick values
-        out += [f'<line x1="{px(x):.1f}" y1="{T}" x2="{px(x):.1f}" y2="{H - B}" stroke="#e4e4e4"/>',
-                f'<text x="{px(x):.1f}" y="{H - B + 16}" text-anchor="middle">{x:g}</text>']
-    for y in ys:
-        out += [f'<line x1="{L}" y1="{py(y):.1f}" x2="{W - R}" y2="{py(y):.1f}" stroke="#e4e4e4"/>',
-                f'<text x="{L - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:g}</text>']
-    out += [f'<path d="M{L},{T} V{H - B} H{W - R}" fill="none" stroke="black"/>',
-            f'<text x="{(L + W - R) / 2}" y="{H - 12}" text-anchor="middle">GMACs per image</text>',
-            f'<text transform="translate(16,{(H - B + T) / 2}) rotate(-90)" text-anchor="middle">test top-1 (%)</text>']
-    points = [(px(r['gmacs']), py(r['mean'])) for r in rows]
-    for method, clc, cla in dict.fromkeys((r['method'], r['clc'], r['cla']) for r in rows):
-        line = sorted(p for r, p in zip(rows, points) if (r['method'], r['clc'], r['cla']) == (method, clc, cla))
-        dashes = '' if clc or cla else ' stroke-dasharray="4 3"'  # base runs dashed
-        if len(line) > 1:
-            out.append(f'<polyline points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in line)}" fill="none" '
-                       f'stroke="{colours[method]}" stroke-opacity="0.6"{dashes}/>')
-    taken = [(x - 7, y - 7, x + 7, y + 7) for x, y in points]  # boxes of markers and of labels placed so far
-    for r, (x, y) in zip(rows, points):
-        colour = colours[r['method']]
-        out += [f'<line x1="{x:.1f}" y1="{py(r["mean"] - r["std"]):.1f}" x2="{x:.1f}" '
-                f'y2="{py(r["mean"] + r["std"]):.1f}" stroke="{colour}"/>', marker((r['clc'], r['cla']), x, y, colour)]
-        w = 7 * len(r['keep'])  # about 7 px per character at 12 px
-        for dx, dy in ((9, -4), (9, 9), (-9 - w, -4), (-9 - w, 9), (-w / 2, -20), (-w / 2, 12)):
-            box = (x + dx, y + dy - 5, x + dx + w, y + dy + 8)
-            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in taken):
-                break
-        if r['method'] != 'none':  # which has no keep rate to name
-            taken.append(box)
-            out.append(f'<text x="{box[0]:.1f}" y="{box[3] - 2:.1f}" fill="{colour}">{r["keep"]}</text>')
-    legend = [(m, colours[m], None) for m in dict.fromkeys(r['method'] for r in rows)]
-    legend += [(shapes[k][0], '#444', k) for k in dict.fromkeys((r['clc'], r['cla']) for r in rows)]
-    for i, (label, colour, key) in enumerate(legend):
-        x, y = W - R + 20, T + 10 + 20 * i
-        bar = f'<rect x="{x - 6}" y="{y - 2}" width="12" height="4" fill="{colour}"/>'
-        out += [marker(key, x, y, colour) if key else bar, f'<text x="{x + 14}" y="{y + 4}">{label}</text>']
-    Path(path).write_text('\n'.join(out + ['</svg>']) + '\n')
 
 
 def main(argv=None):
@@ -371,16 +274,8 @@ def main(argv=None):
     args.batch_size = args.batch_size or (32 if device.type == 'cuda' else 4)
     runtime_defaults(args, device)
     try:
-        if args.plot and not ((args.sweep and args.checkpoints or args.table) and args.plot.endswith('.svg')):
-            raise ValueError('--plot FILE.svg goes with --sweep --checkpoints, or with --table FILE.md')
-        if args.table and not args.plot:
-            raise ValueError('--table FILE.md goes with --plot FILE.svg: it only redraws a table')
-        if args.sweep or args.table:
-            rows = read_table(args.table) if args.table else sweep(args, device)
-            if args.plot:
-                plot(rows, args.plot)
-                print(f'wrote {args.plot}')
-            return rows
+        if args.sweep:
+            return sweep(args, device)
         if not (args.checkpoint or args.cost):
             raise ValueError('give --checkpoint to evaluate, or --cost / --sweep to measure a model from flags')
         model, raw = build(args, args.checkpoint)

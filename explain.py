@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
 
-from data import DATASETS, SPOT_RADIUS, DatasetError
+from data import DATASETS, DatasetError
 from eval import DEVICES, add_model_flags, build, eval_split, exit_with, pick_device
+from leaves import SPOT_RADIUS
 from model import tokens_per_stage
 from weights import CheckpointError
 
@@ -58,11 +59,11 @@ def run_with_hooks(model, images, hooks):
             h.remove()
 
 
-def evidence(dataset, i: int, patch: int) -> torch.Tensor:
+def evidence(dataset, i: int, img_size: int, patch: int) -> torch.Tensor:
     """(P,) bool, patches in row-major order: where the class evidence of image i of the leaves lies after the
-    test transform (the centre crop), the patches that hold at least a fifth of one of the class's spots."""
-    cover = T.functional.center_crop(dataset.render(i)[1][None], [dataset.img_size])[0]  # (S, S) in [0, 1]
-    side = dataset.img_size // patch
+    test transform (the centre crop to `img_size`), the patches that hold at least a fifth of one of its spots."""
+    cover = T.functional.center_crop(dataset.render(i)[1][None], [img_size])[0]  # (S, S) in [0, 1]
+    side = img_size // patch
     cells = cover[:side * patch, :side * patch].reshape(side, patch, side, patch).sum((1, 3))  # (side, side)
     return cells.flatten() >= 0.2 * math.pi * (SPOT_RADIUS * dataset.size / 2) ** 2
 
@@ -110,7 +111,7 @@ def evidence_recall(model, dataset, device, batch: int = 100) -> list:
     for start in range(0, len(dataset), batch):
         ids = range(start, min(start + batch, len(dataset)))
         images = torch.stack([dataset[i][0] for i in ids]).to(device, dtype)
-        marks = torch.stack([evidence(dataset, i, p) for i in ids])                       # (B, P)
+        marks = torch.stack([evidence(dataset, i, model.cfg.img_size, p) for i in ids])    # (B, P)
         for s, src in enumerate(held_patches(model, images)):                            # src (B, N, P)
             mixing = (src & ~marks[:, None]).any(-1)                                     # (B, N) holds non-evidence
             alone = (src & (src.any(-1) & ~mixing)[..., None]).any(1) & marks           # (B, P)
@@ -149,15 +150,14 @@ def visualize(model, dataset, path, device, num_images=6, scale=4):
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (dataset.transform.transforms[-1].mean,
                                                             dataset.transform.transforms[-1].std))
     plain = (images * std + mean).clamp(0, 1)
-    side, p = model.cfg.img_size // model.cfg.patch_size, model.cfg.patch_size
-    if model.cfg.img_size >= 128:
-        scale = 1
-    up = lambda m: m.view(-1, 1, side, side).repeat_interleave(p * scale, 2).repeat_interleave(p * scale, 3)
+    S, p = model.cfg.img_size, model.cfg.patch_size
+    scale = 1 if S >= 128 else scale  # large images need no enlarging
+    up = lambda m: m.view(-1, 1, S // p, S // p).repeat_interleave(p * scale, 2).repeat_interleave(p * scale, 3)
     plain = plain.repeat_interleave(scale, 2).repeat_interleave(scale, 3)  # (B, 3, S*scale, S*scale)
     kept = alive_patches(model, images.to(device, next(model.parameters()).dtype))
     rows = [plain] + [plain * (0.25 + 0.75 * up(alive.float())) for alive in kept]
     if hasattr(dataset, 'render'):  # the leaves' generator knows where their evidence is
-        inside = up(torch.stack([evidence(dataset, i, p) for i in range(len(images))]).float())  # (B, 1, H, W)
+        inside = up(torch.stack([evidence(dataset, i, S, p) for i in range(len(images))]).float())  # (B, 1, H, W)
         grown, shrunk = F.max_pool2d(inside, 3, 1, 1), -F.max_pool2d(-inside, 3, 1, 1)  # dilated, eroded by 1 px
         edge = grown - shrunk  # 1 on both sides of each evidence region's border
         cyan = torch.tensor([0.0, 1.0, 1.0]).view(1, 3, 1, 1)

@@ -3,7 +3,7 @@ import argparse
 import pytest
 import torch
 
-import data
+import leaves
 from model import create_model
 
 
@@ -38,7 +38,7 @@ def trace(model, images):
 @pytest.fixture
 def small_leaves(monkeypatch):
     """The embedded dataset at a tenth of its size (1000 train / 500 test images) for fast runs."""
-    monkeypatch.setattr(data.Leaves, 'per_class', {'train': 100, 'test': 50})
+    monkeypatch.setattr(leaves.Leaves, 'per_class', {'train': 100, 'test': 50})
 
 
 def official_prefix(method: str) -> str:

@@ -4,7 +4,7 @@
     python tests/gpu_check.py --dry-run    # tiny sizes on the CPU: tests/test_gpu.py runs it, so it cannot rot
     python tests/gpu_check.py --loader-only --side 1000 --workers 1   # the loader alone, on any machine
 
-1. It writes synthetic data in the CSV layout of the paper's code: leaves drawn by data.render_leaf, saved as
+1. It writes synthetic data in the CSV layout of the paper's code: leaves drawn by leaves.render_leaf, saved as
    PNG (the benchmark's format) at --side pixels, copies of a few drawings (decoding costs the same).
 2. It runs the GPU tests (tests/test_gpu.py).
 3. For ViT-B/16 at 448 px it times the unreduced model and every method at keep 0.1 with CLCA, alone on
@@ -31,8 +31,9 @@ from torchvision.transforms.functional import to_pil_image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from data import build_dataset, render_leaf
+from data import build_dataset
 from eval import runtime_defaults
+from leaves import render_leaf
 from reduce import METHODS
 
 CLASSES = 198  # the synthetic data poses as SoyAgeing

@@ -8,7 +8,7 @@ from PIL import Image
 
 from torch.utils.data import DataLoader
 
-from data import PALETTE, DatasetError, Leaves, build_dataset, transforms
+from data import DatasetError, build_dataset, transforms
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,31 +89,6 @@ def test_missing_dataset_on_the_command_line_is_one_line_without_traceback(tmp_p
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and 'Traceback' not in run.stderr
     assert run.stderr.strip().count('\n') == 0 and 'UFG benchmark' in run.stderr and 'does not exist' in run.stderr
-
-
-def test_the_embedded_leaves_are_deterministic_balanced_and_any_size():
-    tf = transforms(48, None, (0.5,) * 3, (0.5,) * 3, resized=True)  # the leaves are drawn at the resized side
-    a, b = Leaves('train', 48, tf), Leaves('train', 48, tf)
-    assert len(a) == 4000 and a.num_classes == 10 and len(Leaves('test', 48, tf)) == 3000
-    assert torch.equal(a[7][0], b[7][0]) and a[7][1] == 7 and a[17][1] == 7
-    assert not torch.equal(a[7][0], Leaves('test', 48, tf)[7][0])
-    assert not torch.equal(a[7][0], Leaves('train', 48, tf, seed=1)[7][0])
-    assert Leaves('train', 100, transforms(100, 'weak', (0.5,) * 3, (0.5,) * 3, resized=True))[0][0].shape == (3, 100, 100)
-
-
-def test_a_cultivar_is_a_leaf_length_and_a_spot_colour():
-    """Class c has spots of colour c // 5 (yellow, red) and a leaf of length class c % 5: over 40 images per
-    length (the width is random), a longer class covers more of the image."""
-    ds = Leaves('train', 48, transforms(48, None, (0.5,) * 3, (0.5,) * 3, resized=True))
-    area = torch.zeros(5)
-    for i in range(200):
-        img, evidence = ds.render(i)                        # (3, S, S) uint8, (S, S) spot cover
-        img, c = img.float() / 255, i % 10
-        if (evidence > 0.99).any():                         # pixels fully inside a visible spot
-            assert (img[:, evidence > 0.99].mean(1) - PALETTE[c // 5]).abs().max() < 0.15
-        r, g, b = img
-        area[c % 5] += ((r < 0.4) & (b < 0.4) & (g > r)).sum()  # leaf pixels: green, darker than any background
-    assert (area[1:] > area[:-1]).all()
 
 
 def test_transforms_follow_the_paper():

@@ -1,13 +1,13 @@
 import json
 import re
 import shutil
-from xml.etree import ElementTree
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 import eval as evaluation
+import plot
 import train
 from conftest import official_checkpoint
 from data import build_dataset
@@ -156,64 +156,21 @@ def seeded_checkpoints(tmp_path, runs):
     return paths
 
 
-def test_sweep_groups_checkpoints_that_differ_only_in_seed_and_plots_them(tmp_path, capsys, monkeypatch):
+def test_sweep_groups_checkpoints_that_differ_only_in_seed_into_a_table_plot_py_reads(tmp_path, capsys, monkeypatch):
     paths = seeded_checkpoints(tmp_path, [('a1', 0.25, 1e-3, 1), ('b', 0.5, 1e-3, 1), ('a2', 0.25, 1e-3, 2),
                                           ('a3', 0.25, 1e-3, 3), ('c', 0.25, 5e-4, 1)])
     top1 = dict(zip(paths, [80.0, 50.0, 82.0, 87.0, 60.0]))
     seen = iter(paths)  # the sweep evaluates the checkpoints in the order given
     monkeypatch.setattr(evaluation, 'accuracy', lambda *a: {'top1': top1[next(seen)]})
-    evaluation.main(['--sweep', '--checkpoints', *paths, '--batch-size', '2', '--plot', str(tmp_path / 'acc.svg')])
-    rows = [[c.strip() for c in line.split('|')[1:-1]] for line in capsys.readouterr().out.splitlines()
-            if line.startswith('| evit')]
+    evaluation.main(['--sweep', '--checkpoints', *paths, '--batch-size', '2'])
+    out = capsys.readouterr().out
+    rows = [[c.strip() for c in line.split('|')[1:-1]] for line in out.splitlines() if line.startswith('| evit')]
     assert [(r[1], r[7], r[8]) for r in rows] == [('0.25', '83.0 ± 3.6', '3'), ('0.5', '50.0', '1'),
                                                   ('0.25', '60.0', '1')]  # another lr is another run
-    svg = ElementTree.parse(tmp_path / 'acc.svg').getroot()  # well-formed XML
-    ns = '{http://www.w3.org/2000/svg}'
-    assert svg.tag == ns + 'svg'
-    bars = [e for e in svg.iter(ns + 'line') if e.get('stroke') != GRID]
-    assert len(bars) == 3                                 # one error bar per row
-    assert len(list(svg.iter(ns + 'polygon'))) == 3 + 1  # a marker per row, and the legend's CLCA marker
-    line, = svg.iter(ns + 'polyline')                    # all three rows are EViT + CLCA: one line joins them
-    assert len(line.get('points').split()) == 3
-
-
-GRID = '#e4e4e4'  # the plot's gridlines
-
-
-def test_plot_reads_like_a_figure_round_ticks_and_labels_that_do_not_overlap(tmp_path):
-    assert evaluation.nice_ticks(0.062, 0.254) == [0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
-    assert evaluation.nice_ticks(46.4, 75.2) == [45, 50, 55, 60, 65, 70, 75, 80]
-    row = lambda keep, gmacs, mean, clca: dict(method='evit', keep=keep, clc=clca, cla=clca, gmacs=gmacs, mean=mean,
-                                              std=1.0, seeds=3)
-    rows = [row('0.1', 0.074, 64.6, False), row('0.25', 0.076, 64.7, False), row('0.5', 0.111, 65.4, False),
-            row('0.1', 0.095, 72.7, True)]  # the first two points nearly coincide
-    evaluation.plot(rows, tmp_path / 'p.svg')
-    svg = ElementTree.parse(tmp_path / 'p.svg').getroot()
-    ns = '{http://www.w3.org/2000/svg}'
-    texts = list(svg.iter(ns + 'text'))
-    assert 'Test top-1 against cost' in texts[0].text and '3 seeds' in texts[0].text
-    labels = [(float(t.get('x')), float(t.get('y')), len(t.text)) for t in texts if t.get('fill')]  # keep rates
-    assert len(labels) == 4
-    boxes = [(x, y - 11, x + 7 * n, y) for x, y, n in labels]
-    for i, a in enumerate(boxes):
-        for b in boxes[i + 1:]:
-            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
-    assert len(list(svg.iter(ns + 'polyline'))) == 1  # base joins three keep rates; CLCA has one point
-    assert sum(e.get('stroke') == GRID for e in svg.iter(ns + 'line')) >= 10  # light gridlines
-
-
-def test_plot_redraws_a_table_the_sweep_printed(tmp_path, capsys):
-    (tmp_path / 'runs.md').write_text('Some text.\n\n| run | method | keep | CLC | CLA | GMACs | seeds | top-1 |\n'
-                                      '|---|---|---|---|---|---|---|---|\n'
-                                      '| a | evit | 0.1 | on | on | 0.095 | 6 | **72.7 ± 1.4 %** |\n'
-                                      '| b | none | 1 | off | off | 0.204 | 1 | 66.6 |\n\nMore text.\n')
-    rows = evaluation.main(['--table', str(tmp_path / 'runs.md'), '--plot', str(tmp_path / 'p.svg')])
-    assert rows == [dict(method='evit', keep='0.1', clc=True, cla=True, gmacs=0.095, mean=72.7, std=1.4, seeds=6),
-                    dict(method='none', keep='1', clc=False, cla=False, gmacs=0.204, mean=66.6, std=0.0, seeds=1)]
-    assert ElementTree.parse(tmp_path / 'p.svg').getroot() is not None
-    (tmp_path / 'none.md').write_text('| a | b |\n|---|---|\n')
-    with pytest.raises(SystemExit, match='has no table with the columns method'):
-        evaluation.main(['--table', str(tmp_path / 'none.md'), '--plot', str(tmp_path / 'p.svg')])
+    (tmp_path / 'runs.md').write_text(out)  # what `eval.py --sweep ... > runs.md` writes
+    drawn = plot.read_table(tmp_path / 'runs.md')
+    assert [(r['keep'], r['mean'], r['std'], r['seeds'], r['clc'], r['cla']) for r in drawn] == [
+        ('0.25', 83.0, 3.6, 3, True, True), ('0.5', 50.0, 0.0, 1, True, True), ('0.25', 60.0, 0.0, 1, True, True)]
 
 
 @pytest.mark.long
@@ -246,10 +203,3 @@ def test_sweep_reads_finished_runs_from_their_own_folders(tmp_path, capsys, monk
         evaluation.main(['--sweep', '--checkpoints', runs[0], '--keep', '0.5'])
     with pytest.raises(SystemExit, match='holds no train.py run'):
         evaluation.main(['--sweep', '--checkpoints', str(tmp_path)])
-
-
-def test_plot_needs_a_sweep_over_checkpoints(tmp_path):
-    with pytest.raises(SystemExit, match='--plot FILE.svg goes with --sweep --checkpoints, or with --table'):
-        evaluation.main(['--sweep', '--plot', str(tmp_path / 'x.svg')])
-    with pytest.raises(SystemExit, match='--table FILE.md goes with --plot'):
-        evaluation.main(['--table', str(tmp_path / 'x.md')])

@@ -7,10 +7,10 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
-import data
 import explain
 from conftest import official_checkpoint, toy, trace
-from data import PALETTE, build_dataset
+from data import build_dataset
+from leaves import PALETTE, SPOT_RADIUS
 from model import create_model
 
 pytestmark = pytest.mark.usefixtures('small_leaves')
@@ -20,13 +20,13 @@ pytestmark = pytest.mark.usefixtures('small_leaves')
 def test_evidence_masks_cover_the_rendered_spots(size):
     ds, _ = build_dataset('leaves', 'test', size)
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in (ds.transform.transforms[-1].mean, ds.transform.transforms[-1].std))
-    spot_area = math.pi * (data.SPOT_RADIUS * ds.size / 2) ** 2
+    spot_area = math.pi * (SPOT_RADIUS * ds.size / 2) ** 2
     for i in range(10):  # one image of each class
         colour = (i % ds.num_classes) // 5  # yellow or red
         image = ds[i][0] * std + mean                                         # (3, S, S) in [0, 1]
         match = ((image - PALETTE[colour].view(3, 1, 1)).abs().amax(0) < 0.15).float()  # spot-coloured pixels
         per_patch = match.reshape(size // 8, 8, size // 8, 8).sum((1, 3)).flatten()  # (P,)
-        evidence = explain.evidence(ds, i, 8)
+        evidence = explain.evidence(ds, i, size, 8)
         assert evidence.any()
         assert (per_patch[evidence] >= 1).all()                  # every evidence patch shows the spot colour
         assert evidence[per_patch >= 0.3 * spot_area].all()      # every patch with much spot colour is evidence
@@ -56,7 +56,7 @@ def test_recall_counts_evidence_patches_alone_and_merged(monkeypatch):
             torch.stack([T([[0, 1, 1, 0], [0, 0, 0, 0]]),     # location 2, image 1: 1 merged with 2, 0 gone
                          T([[0, 0, 1, 1], [1, 0, 0, 0]])])]    # image 2: 2 merged with 3
     monkeypatch.setattr(explain, 'held_patches', lambda model, images: held)
-    monkeypatch.setattr(explain, 'evidence', lambda dataset, i, patch: Constructed.masks[i])
+    monkeypatch.setattr(explain, 'evidence', lambda dataset, i, img_size, patch: Constructed.masks[i])
     model = create_model('vit_tiny_patch8_224', 2, img_size=16, method='evit', keep=0.5, loc=(1, 2),
                          embed_dim=48, num_heads=3)
     (a1, m1, c1), (a2, m2, c2) = explain.evidence_recall(model, Constructed(), 'cpu')

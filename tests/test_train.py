@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
 import eval as evaluation
+import leaves
 import train
 from conftest import tiny_folder, toy
 from model import ModelConfig, ViT
@@ -243,8 +243,8 @@ def _record_crops(rank, world, port, out, queue):
         os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1',
                           MASTER_PORT=str(port))
     import torchvision.transforms as T
-    import data
-    data.Leaves.per_class = {'train': 10, 'test': 2}
+    import leaves
+    leaves.Leaves.per_class = {'train': 10, 'test': 2}
     crops, real = [], T.RandomCrop.get_params
     T.RandomCrop.get_params = staticmethod(lambda *a: crops.append(real(*a)) or crops[-1])
     train.main(FAST + ['--epochs', '1', '--amp', 'off', '--out', str(out)])
@@ -298,7 +298,7 @@ def test_gradient_norms_are_logged_and_finite(tmp_path):
 def test_the_demo_fine_tunes_a_backbone_it_pretrains_once(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(train.SPECIES, 'epochs', 2)
-    monkeypatch.setattr(data.Leaves, 'per_class', {'train': 10, 'test': 5})
+    monkeypatch.setattr(leaves.Leaves, 'per_class', {'train': 10, 'test': 5})
     flags = ['--epochs', '1', '--batch-size', '20', '--warmup-epochs', '0', '--cooldown-epochs', '0', '--workers', '0']
     first = train.main(flags + ['--out', 'a'])
     backbone = tmp_path / 'runs' / 'leaf-species-vit_tiny_patch8_224-48px' / 'last.pt'
