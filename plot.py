@@ -9,9 +9,9 @@ writes an SVG by hand, so no plotting library is needed.
 import argparse
 import math
 import re
-import sys
 from pathlib import Path
 
+from eval import exit_with
 from reduce import METHODS
 
 COLUMNS = ('method', 'keep', 'CLC', 'CLA', 'GMACs', 'top-1', 'seeds')  # of eval.py's sweep table; others ignored
@@ -126,7 +126,7 @@ def main(argv=None):
         rows = read_table(args.table)
         plot(rows, args.svg)
     except (OSError, ValueError) as e:
-        sys.exit(f'error: {e}')
+        exit_with(e)
     print(f'wrote {args.svg}: {len(rows)} rows of {args.table}')
     return rows
 
