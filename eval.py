@@ -275,7 +275,8 @@ def main(argv=None):
     runtime_defaults(args, device)
     try:
         if args.sweep:
-            return sweep(args, device)
+            sweep(args, device)
+            return
         if not (args.checkpoint or args.cost):
             raise ValueError('give --checkpoint to evaluate, or --cost / --sweep to measure a model from flags')
         model, raw = build(args, args.checkpoint)
