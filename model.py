@@ -105,14 +105,15 @@ def backbone_config(name: str, **overrides) -> ModelConfig:
     return ModelConfig(**{**cfg, 'mean': mean, 'std': std, **overrides})
 
 
-def resample_grid(pos: torch.Tensor, side: int) -> torch.Tensor:
+def resample_grid(pos: torch.Tensor, side: int, antialias: bool = True) -> torch.Tensor:
     """Position embeddings of a g x g patch grid on a side x side one, (1, g*g, D) -> (1, side*side, D), by
-    bicubic antialiased resampling: how a checkpoint trained at 224 px runs at 448 (weights.load_weights)."""
+    bicubic resampling: how a checkpoint trained at 224 px runs at 448 (weights.load_weights). `antialias` picks
+    the kernel even when upsampling (PIL's cubic, a = -0.5, on; a = -0.75 off), so the two differ at 14 -> 28."""
     g, D = math.isqrt(pos.shape[1]), pos.shape[2]
     if g == side:
         return pos
     grid = pos.float().reshape(1, g, g, D).permute(0, 3, 1, 2)                  # (1, D, g, g)
-    grid = F.interpolate(grid, size=(side, side), mode='bicubic', antialias=True, align_corners=False)
+    grid = F.interpolate(grid, size=(side, side), mode='bicubic', antialias=antialias, align_corners=False)
     return grid.permute(0, 2, 3, 1).reshape(1, side * side, D).to(pos.dtype)     # (1, side*side, D)
 
 

@@ -92,15 +92,18 @@ def open_checkpoint(source):
         raise CheckpointError(f'{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0][:120]})') from None
 
 
-def read_checkpoint(source) -> dict:
-    """A flat {name: tensor} under this project's names from anything `open_checkpoint` takes: containers
-    ('model', 'state_dict', 'module.' and MoCo's 'base_encoder.' prefixes) unwrapped, OpenCLIP's names converted,
-    and the paper's names of a reduction's learned parts (cluster_layers, score_predictor) made `reducers`."""
-    sd = open_checkpoint(source)
+def tensors(raw) -> dict:
+    """The {name: tensor} of a loaded checkpoint, names as saved: containers ('model', 'state_dict', 'module') and
+    'module.' prefixes unwrapped."""
     for key in ('model', 'state_dict', 'module'):
-        if isinstance(sd.get(key), dict):
-            sd = sd[key]
-    sd = {k.removeprefix('module.'): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        if isinstance(raw.get(key), dict):
+            raw = raw[key]
+    return {k.removeprefix('module.'): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+
+
+def our_names(sd: dict) -> dict:
+    """`tensors` under this project's names: OpenCLIP's converted, MoCo's 'base_encoder.' unwrapped, and the paper's
+    names of a reduction's learned parts (cluster_layers, score_predictor) made `reducers`."""
     if 'visual.class_embedding' in sd:  # OpenCLIP's release (the paper's CLIP weights)
         sd = from_open_clip(sd)
     sd = {re.sub(r'^(cluster_layers|score_predictor)\.', 'reducers.', k): v for k, v in sd.items()}
@@ -109,10 +112,16 @@ def read_checkpoint(source) -> dict:
     return sd
 
 
+def read_checkpoint(source) -> dict:
+    """A flat {name: tensor} under this project's names from anything `open_checkpoint` takes."""
+    return our_names(tensors(open_checkpoint(source)))
+
+
 def load_weights(model: ViT, source, verbose: bool = True):
     """Load a checkpoint into `model`: resample pos_embed to its grid, drop a classifier that does not fit, refuse
     any other mismatch, start CLR from the loaded CLS if the file has none. Returns (missing, unexpected) keys."""
-    sd = read_checkpoint(source)
+    saved = tensors(open_checkpoint(source))
+    sd = our_names(saved)
     own = model.state_dict()
     notes = []
     if 'pos_embed' in sd:
@@ -126,8 +135,9 @@ def load_weights(model: ViT, source, verbose: bool = True):
         mine = own['pos_embed'][:, prefix + model.num_patches:]  # this model's CLR rows
         clr_rows = pos[:, prefix + cells:] if extra == mine.shape[1] else mine.to(pos)
         side = math.isqrt(model.num_patches)
-        sd['pos_embed'] = torch.cat([pos[:, :prefix], resample_grid(pos[:, prefix:prefix + cells], side),
-                                     clr_rows], 1)
+        # as timm 0.9 (the paper's) resamples: OpenCLIP's grid without antialiasing, every other file's with it
+        grid = resample_grid(pos[:, prefix:prefix + cells], side, antialias='visual.class_embedding' not in saved)
+        sd['pos_embed'] = torch.cat([pos[:, :prefix], grid, clr_rows], 1)
         if cells != model.num_patches:
             notes.append(f'resampled pos_embed grid {math.isqrt(cells)}x{math.isqrt(cells)} -> {side}x{side}')
     for k in [k for k in sd if k.startswith('head.')]:

@@ -81,3 +81,32 @@ def tiny_folder(root, train=8, test=2):
             for i in range(count):
                 Image.new('RGB', (40, 40), (100 * c, 10 * i, 50)).save(root / split / f'c{c}' / f'{i}.png')
     return root
+
+
+def open_clip_release(width=768, layers=12, patch=16, grid=14, text_width=512, text_layers=12, vocab=49408,
+                      context=77, embed=512, seed=0) -> dict:
+    """A CLIP model's state dict as open_clip saves it (a plain dict of tensors): random weights under its names and
+    shapes, the text tower included. The defaults are ViT-B/16 at 224 px, the architecture of the paper's
+    laion2b_s34b_b88k weights: an image tower 768 wide, 12 blocks, a 14 x 14 grid; a text tower 512 wide, 12 blocks,
+    a 49,408-token vocabulary, 77 positions; both projected to 512."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g) * 0.02
+    norm = lambda name, w: {f'{name}.weight': 1 + rand(w), f'{name}.bias': rand(w)}
+
+    def tower(prefix, w, n):
+        out = {}
+        for i in range(n):
+            b = f'{prefix}transformer.resblocks.{i}.'
+            out |= norm(b + 'ln_1', w) | norm(b + 'ln_2', w)
+            out |= {b + 'attn.in_proj_weight': rand(3 * w, w), b + 'attn.in_proj_bias': rand(3 * w),
+                    b + 'attn.out_proj.weight': rand(w, w), b + 'attn.out_proj.bias': rand(w),
+                    b + 'mlp.c_fc.weight': rand(4 * w, w), b + 'mlp.c_fc.bias': rand(4 * w),
+                    b + 'mlp.c_proj.weight': rand(w, 4 * w), b + 'mlp.c_proj.bias': rand(w)}
+        return out
+    sd = {'positional_embedding': rand(context, text_width), 'text_projection': rand(text_width, embed),
+          'logit_scale': torch.tensor(4.6052), 'visual.class_embedding': rand(width),
+          'visual.positional_embedding': rand(1 + grid * grid, width), 'visual.proj': rand(width, embed),
+          'visual.conv1.weight': rand(width, 3, patch, patch)}  # no bias: CLIP's patch convolution has none
+    sd |= norm('visual.ln_pre', width) | tower('visual.', width, layers) | norm('visual.ln_post', width)
+    sd |= tower('', text_width, text_layers) | {'token_embedding.weight': rand(vocab, text_width)}
+    return sd | norm('ln_final', text_width)

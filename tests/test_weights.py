@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import toy
+from conftest import open_clip_release, toy
 from model import create_model
 from weights import CheckpointError, load_weights, pretrained_url, read_checkpoint
 
@@ -118,3 +118,23 @@ def test_openclip_weights_load_under_timm_names():
             assert torch.equal(model.state_dict()[name], value), name
     assert pretrained_url('vit_base_patch16_clip_224.laion2b') == ('https://huggingface.co/laion/'
                                                                   'CLIP-ViT-B-16-laion2B-s34B-b88K/resolve/main/open_clip_pytorch_model.bin')
+
+
+def test_an_openclip_grid_is_resampled_to_448_as_the_papers_timm_does():
+    """timm 0.9.12, the paper's, resizes an OpenCLIP file's grid with plain bicubic F.interpolate (no antialiasing),
+    other files' with antialiasing: at 14 -> 28 the two kernels differ."""
+    sd = open_clip_release(width=48, layers=2, text_width=32, text_layers=1, vocab=100, embed=16)
+    model = create_model('vit_tiny_patch16_clip_224', 7, img_size=448, embed_dim=48, num_heads=3, depth=2, loc=(0,),
+                         method='evit', keep=0.1, clc=True, cla=True)
+    load_weights(model, sd, verbose=False)
+    pos = sd['visual.positional_embedding'][None]                               # (1, 1 + 196, 48)
+    grid = pos[:, 1:].reshape(1, 14, 14, 48).permute(0, 3, 1, 2)                # (1, 48, 14, 14)
+    paper = F.interpolate(grid, size=(28, 28), mode='bicubic', align_corners=False)
+    paper = paper.permute(0, 2, 3, 1).reshape(1, 784, 48)                       # (1, 784, 48)
+    assert torch.equal(model.pos_embed[:, :1].detach(), pos[:, :1])  # the CLS row as it is
+    assert torch.equal(model.pos_embed[:, 1:785].detach(), paper)
+    smooth = F.interpolate(grid, size=(28, 28), mode='bicubic', antialias=True, align_corners=False)
+    assert (smooth.permute(0, 2, 3, 1).reshape(1, 784, 48) - paper).abs().max() > 1e-3  # the test can tell them apart
+    timm_file = create_model('vit_tiny_patch16_clip_224', 7, img_size=448, embed_dim=48, num_heads=3, depth=2, loc=(0,))
+    load_weights(timm_file, read_checkpoint(sd), verbose=False)  # the same weights under timm's names
+    assert torch.equal(timm_file.pos_embed[:, 1:].detach(), smooth.permute(0, 2, 3, 1).reshape(1, 784, 48))
