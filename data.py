@@ -1,15 +1,22 @@
 """Datasets and transforms for the paper's recipe.
 
-- The UFG benchmark's five leaf datasets (Yu et al., ICCV 2021) from disk in any of three layouts, found by
-  themselves; `folder` reads any directory in one of them. Images may be resized once and kept (`resize_once`).
+- The UFG benchmark's five leaf datasets (Yu et al., ICCV 2021) from disk: as their release unpacks, in the CLCA
+  authors' CSVs, or in class folders; `folder` reads any directory laid out one of these ways. Images may be resized
+  once and kept (`resize_once`).
 - `leaves` and `leaf-species`, the embedded data drawn by leaves.py, by the same `build_dataset`.
+- `python data.py --dataset soyageing --data-dir DIR` checks a download before a long run (`check`).
 """
+import argparse
 import csv
 import hashlib
 import json
 import math
 import os
+import shutil
+import sys
+from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import PIL
 import torch
@@ -19,14 +26,29 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from leaves import Leaves
-from model import IMAGENET_MEAN, IMAGENET_STD
+from model import IMAGENET_MEAN, IMAGENET_STD, PAPER_SIZE
 
-# name: (classes, image folder of the official CSV layout); the UFG benchmark's five leaf datasets
-UFG = {'cotton': (80, 'cotton_square_new'), 'soylocal': (200, 'soybean200_square'),
-       'soygene': (1110, 'images'), 'soyglobal': (1938, 'soybean2000'), 'soyageing': (198, '.')}
+
+class Release(NamedTuple):
+    """A UFG dataset as its release holds it: what a download is checked against."""
+    classes: int
+    train: int             # lines of anno/train.txt
+    test: int              # lines of anno/test.txt
+    csv_folder: str        # the image folder the CLCA authors' CSVs name (their own copies, for three of them)
+    subsets: tuple = ()    # a release in parts: each part is a folder of this name, all merged with shared labels
+
+
+# SoyAgeing is released as five subsets (no R2), each with the same 198 cultivars under the same labels
+AGEING = ('R1', 'R3', 'R4', 'R5', 'R6')
+UFG = {'cotton': Release(80, 240, 240, 'cotton_square_new'), 'soylocal': Release(200, 600, 600, 'soybean200_square'),
+       'soygene': Release(1110, 12763, 11143, 'images'), 'soyglobal': Release(1938, 5814, 5814, 'soybean2000'),
+       'soyageing': Release(198, 4950, 4950, '.', AGEING),  # the CSVs' paths start R1/images/...
+       **{f'soyageing-{r.lower()}': Release(198, 990, 990, '.', (r,)) for r in AGEING}}  # one subset alone
 DATASETS = ('leaves', 'leaf-species', 'folder') + tuple(UFG)
 AUGMENTATIONS = ('weak', 'trivial')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
+LAYOUTS = {'csv': "the CLCA authors' CSVs", 'anno': "the benchmark's release (anno/*.txt, images/)",
+           'folders': 'one folder per class'}
 
 
 class DatasetError(ValueError):
@@ -61,8 +83,9 @@ class ImageList(Dataset):
     """(image path, 0-based label) pairs, read with PIL and converted to RGB; or, with `resized` (a file
     from `resize_once`), the same images already resized, memory-mapped from that file."""
 
-    def __init__(self, samples, num_classes, transform, resized=None):
+    def __init__(self, samples, num_classes, transform, resized=None, where=''):
         self.samples = samples
+        self.where = where  # what was read, and from where (`described`)
         self.num_classes = num_classes
         self.transform = transform
         self.resized = resized
@@ -87,24 +110,31 @@ class ImageList(Dataset):
         return self.transform(img), label
 
 
-def resize_once(samples, img_size: int, workers: int) -> Path:
-    """Decode and `resize` the images of `samples` once into one uint8 file (N, 3, side, side) in a `.resized`
-    folder beside the images; returns its path. Its name hashes all its pixels depend on: each image's path,
-    size and modification time, the side and PIL's version: a changed image or size gets a new file."""
+def resized_file(samples, img_size: int) -> Path:
+    """Where `resize_once` keeps the images of `samples` at `img_size`: a `.resized` folder beside the images, a
+    name that hashes all the pixels depend on: each image's path, size and modification time, the side and PIL's
+    version. A changed image or size gets a new file."""
     side = resize(img_size).size[0]
     folder = Path(os.path.commonpath([p.parent for p, _ in samples])) / '.resized'
+    stamps = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p, _ in samples]
+    key = hashlib.sha256(json.dumps([stamps, side, PIL.__version__]).encode()).hexdigest()[:16]
+    return folder / f'{side}px-{key}.u8'
+
+
+def resize_once(samples, img_size: int, workers: int) -> Path:
+    """Decode and `resize` the images of `samples` once into one uint8 file (N, 3, side, side) at `resized_file`,
+    unless it is there already; returns its path."""
+    side = resize(img_size).size[0]
     try:
-        stamps = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p, _ in samples]
-        key = hashlib.sha256(json.dumps([stamps, side, PIL.__version__]).encode()).hexdigest()[:16]
-        path = folder / f'{side}px-{key}.u8'
+        path = resized_file(samples, img_size)
         if path.exists():
             return path
-        folder.mkdir(exist_ok=True)
+        path.parent.mkdir(exist_ok=True)
         tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')  # renamed when complete: no half-written file is used
         out = torch.from_file(str(tmp), shared=True, size=len(samples) * side * side * 3, dtype=torch.uint8)
     except OSError as e:
-        raise DatasetError(f'{e.filename}: {e.strerror}; the images must be readable and {folder} writable '
-                           '(or train with --no-cache)') from None
+        raise DatasetError(f'{e.filename}: {e.strerror}; the images must be readable and a .resized folder beside '
+                           'them writable (or train with --no-cache)') from None
     out = out.view(len(samples), 3, side, side)
     plain = ImageList(samples, 0, T.Compose([resize(img_size), T.PILToTensor()]))  # decoded and resized, as uint8
     done = 0
@@ -116,42 +146,122 @@ def resize_once(samples, img_size: int, workers: int) -> Path:
     return path
 
 
-def find_samples(root: Path, split: str, image_dir: str = 'images'):
-    """Samples of `split` ('train' or 'test') under `root` and the number of classes seen, from the
-    first layout that is present: (a) the official code's CSVs, (b) the benchmark's anno/*.txt,
-    (c) one folder per class."""
-    csv_file, txt = root / {'train': 'train_val.csv', 'test': 'test.csv'}[split], root / 'anno' / f'{split}.txt'
-    if csv_file.is_file():  # (a) columns class_id (0-based), dir (relative to the image folder)
+def data_folders(root: Path, depth: int = 3) -> list:
+    """`root` if it holds a dataset in one of the three layouts, else the folders below it that do, down to `depth`
+    levels: a release unpacks inside wrappers (Cotton80/COTTON/, SoyAgeing/SoyAgeing-R1/R1/)."""
+    if any((root / marker).exists() for marker in ('train_val.csv', 'test.csv', 'anno', 'train', 'test')):
+        return [root]
+    below = sorted(Path(e.path) for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.')) if depth else []
+    return [found for folder in below for found in data_folders(folder, depth - 1)]
+
+
+def read_split(folder: Path, split: str, csv_folder: str = 'images'):
+    """(samples, classes seen, layout) of `split` ('train' or 'test') in `folder`, from the first layout present:
+    'csv' (the CLCA authors' train_val.csv / test.csv), 'anno' (the release's anno/<split>.txt), 'folders'."""
+    csv_file, txt = folder / {'train': 'train_val.csv', 'test': 'test.csv'}[split], folder / 'anno' / f'{split}.txt'
+    if csv_file.is_file():  # columns class_id (0-based), dir (relative to the image folder)
         with open(csv_file, newline='', encoding='utf-8-sig') as f:
             reader = csv.DictReader(f)
             found = reader.fieldnames or []
             if not {'class_id', 'dir'} <= set(found):
                 raise DatasetError(f'{csv_file}: expected columns class_id,dir, found {",".join(found)}')
-            rows = [(root / image_dir / r['dir'], r['class_id'], 0) for r in reader]
-    elif txt.is_file():  # (b) lines "<image> <1-based label>"
-        rows = [line.rsplit(maxsplit=1) for line in txt.read_text().splitlines() if line.strip()]
-        if any(len(r) != 2 for r in rows):
+            rows = [(r['dir'], r['class_id'], 0) for r in reader]
+        # the folder the CSV names (the authors' own copies), or the release's images/ in its place
+        bases = [folder / csv_folder, folder / csv_folder / 'images', folder / 'images']
+        base = next((b for b in bases if rows and (b / rows[0][0]).is_file()), bases[0])
+        layout = 'csv'
+    elif txt.is_file():  # lines "<image> <1-based label>", images under images/
+        rows = [line.rsplit(maxsplit=1) + [1] for line in txt.read_text().splitlines() if line.strip()]
+        if any(len(r) != 3 for r in rows):
             raise DatasetError(f'{txt}: every line must read "<image> <1-based label>"')
-        rows = [(root / 'images' / name, label, 1) for name, label in rows]
-    elif (root / split).is_dir():  # (c) train/<class>/*.png, test/<class>/*.png; classes from train/
+        base, layout = folder / 'images', 'anno'
+    elif (folder / split).is_dir():  # train/<class>/*.png, test/<class>/*.png; classes from train/
         folders = lambda where: sorted(d for d in where.iterdir() if d.is_dir() and not d.name.startswith('.'))
-        classes = [d.name for d in folders(root / 'train')] if (root / 'train').is_dir() else []
+        classes = [d.name for d in folders(folder / 'train')] if (folder / 'train').is_dir() else []
         samples = []
-        for d in folders(root / split):  # hidden folders, such as .resized, are no classes
+        for d in folders(folder / split):  # hidden folders, such as .resized, are no classes
             if d.name not in classes:
                 raise DatasetError(f'{d}: class folder {d.name!r} is not among the train/ classes')
             samples += [(f, classes.index(d.name)) for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
-        return samples, len(classes)
+        return samples, len(classes), 'folders'
     else:
-        raise DatasetError(
-            f'no {split} split found in {root}: looked for train_val.csv/test.csv (the official CLCA code), '
-            f'anno/{split}.txt with images/ (the UFG benchmark release) or {split}/<class>/ folders. '
-            'Get the UFG benchmark (Yu et al., ICCV 2021) and lay it out one of these ways (README: Data).')
+        return [], 0, None
     bad = [label for _, label, _ in rows if not label.strip().lstrip('-').isdigit()]
     if bad:
-        raise DatasetError(f'{csv_file if csv_file.is_file() else txt}: label {bad[0]!r} is not an integer')
-    samples = [(path, int(label) - first) for path, label, first in rows]  # 0-based
-    return samples, 1 + max((label for _, label in samples), default=-1)
+        raise DatasetError(f'{csv_file if layout == "csv" else txt}: label {bad[0]!r} is not an integer')
+    samples = [(base / name, int(label) - first) for name, label, first in rows]  # 0-based
+    return samples, 1 + max((label for _, label in samples), default=-1), layout
+
+
+def subset_of(path: Path, root: Path) -> str | None:
+    """The SoyAgeing subset folder (R1, R3, ...) that `path` lies in, below `root` or `root` itself; None if none."""
+    return next((part for part in path.relative_to(root.parent).parts if part in AGEING), None)
+
+
+def find_samples(name: str, split: str, data_dir=None):
+    """(samples, num_classes, {folder: layout}, root) of `split` of dataset `name` on disk, checked: every label a
+    class, every listed image there. A release in parts (SoyAgeing) merges the parts found, labels as they are; one
+    folder is read otherwise. A UFG split that differs from its release is said in one line, and the run goes on."""
+    root, release = Path(data_dir or f'data/{name}'), UFG.get(name, Release(0, 0, 0, 'images'))
+    if not root.is_dir():
+        raise DatasetError(f'dataset folder {root} does not exist: pass --data-dir, or put the {name} data there '
+                           '(get it from the UFG benchmark, Yu et al., ICCV 2021; README: Data)')
+    folders = data_folders(root)
+    if len(folders) > 1 and not release.subsets:
+        raise DatasetError(f'{root} holds {len(folders)} datasets ({", ".join(map(str, folders[:3]))}): pass the one '
+                           'you mean as --data-dir')
+    samples, seen, read = [], 0, {}
+    for folder in folders:
+        found, classes, layout = read_split(folder, split, release.csv_folder)
+        samples, seen, read = samples + found, max(seen, classes), read | ({folder: layout} if layout else {})
+    if not read:
+        raise DatasetError(
+            f'no {split} split found in {root} or the folders below it: looked for train_val.csv/test.csv (the CLCA '
+            f"authors' CSVs), anno/{split}.txt with images/ (the UFG benchmark release) or {split}/<class>/ folders. "
+            'Get the UFG benchmark (Yu et al., ICCV 2021) and unpack it there (README: Data).')
+    if release.subsets:  # soyageing-r1 is R1 alone: the images of the other subsets are left out
+        samples = [(p, c) for p, c in samples if subset_of(p, root) in (None, *release.subsets)]
+    if name not in UFG and split != 'train':  # a folder's classes are those of its training split
+        seen = max(seen, find_samples(name, 'train', data_dir)[1])
+    num_classes = release.classes or seen
+    if not samples:
+        raise DatasetError(f'the {split} split in {root} has no images' + (
+            f' of subsets {" ".join(release.subsets)} (folders of those names)' if release.subsets else ''))
+    bad = [(p, c) for p, c in samples if not 0 <= c < num_classes]
+    if bad:
+        raise DatasetError(f'{bad[0][0]}: label {bad[0][1]} is outside 0..{num_classes - 1} '
+                           f'({name} has {num_classes} classes)')
+    missing = [p for p, _ in samples if not p.is_file()]
+    if missing:
+        raise DatasetError(f'{len(missing):,} of the {len(samples):,} {split} images listed are missing, e.g. '
+                           f'{missing[0]}: an incomplete download or unpacking? (python data.py shows what is found)')
+    note = unlike_release(name, split, samples, root) if name in UFG else None
+    if note and os.environ.get('RANK', '0') == '0':  # once under torchrun
+        print(f'warning: {note}', file=sys.stderr)
+    return samples, num_classes, read, root
+
+
+def unlike_release(name: str, split: str, samples, root: Path) -> str | None:
+    """One line on how a UFG split found on disk differs from the benchmark's release, or None if it does not."""
+    release, classes = UFG[name], len({c for _, c in samples})
+    expected = getattr(release, split)
+    if (len(samples), classes) == (expected, release.classes):
+        return None
+    found = sorted({subset_of(p, root) for p, _ in samples} - {None}) if release.subsets else []
+    return (f'{name} {split}: found {len(samples):,} images of {classes} classes'
+            + (f' in subsets {" ".join(found)} of {" ".join(release.subsets)}' if found else '')
+            + f'; the benchmark has {expected:,} of {release.classes}: a subset missing or a partial download? Going on')
+
+
+def described(read: dict) -> str:
+    """What {folder: layout} says: each layout read, and in which folders (below the one they share)."""
+    said = []
+    for layout in sorted(set(read.values())):
+        folders = sorted(f for f in read if read[f] == layout)
+        top = Path(os.path.commonpath(folders))
+        said.append(f'{LAYOUTS[layout]} in {top}' + ': ' * (len(folders) > 1) + ', '.join(
+            str(f.relative_to(top)) for f in folders if f != top))
+    return '; '.join(said)
 
 
 def build_dataset(name: str, split: str, img_size: int, data_dir=None, mean=None, std=None, augment=None,
@@ -166,21 +276,58 @@ def build_dataset(name: str, split: str, img_size: int, data_dir=None, mean=None
         return ds, ds.num_classes
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
-    root = Path(data_dir or f'data/{name}')
-    if not root.is_dir():
-        raise DatasetError(f'dataset folder {root} does not exist: pass --data-dir, or put the {name} data there '
-                           '(get it from the UFG benchmark, Yu et al., ICCV 2021; README: Data)')
-    samples, seen = find_samples(root, split, UFG.get(name, (0, 'images'))[1])
-    if name not in UFG and split != 'train':  # a folder's classes are those of its training split
-        seen = max(seen, find_samples(root, 'train', 'images')[1])
-    num_classes = UFG[name][0] if name in UFG else seen
-    if not samples:
-        raise DatasetError(f'the {split} split in {root} has no images')
-    bad = [(p, c) for p, c in samples if not 0 <= c < num_classes]
-    if bad:
-        raise DatasetError(f'{bad[0][0]}: label {bad[0][1]} is outside 0..{num_classes - 1} '
-                           f'({name} has {num_classes} classes)')
+    samples, num_classes, read, root = find_samples(name, split, data_dir)
+    where = described(read)
     if cache_workers is None or augment == 'trivial':
-        return ImageList(samples, num_classes, transforms(img_size, augment, mean, std)), num_classes
-    resized = resize_once(samples, img_size, cache_workers)
-    return ImageList(samples, num_classes, transforms(img_size, augment, mean, std, resized=True), resized), num_classes
+        return ImageList(samples, num_classes, transforms(img_size, augment, mean, std), where=where), num_classes
+    tf, resized = transforms(img_size, augment, mean, std, resized=True), resize_once(samples, img_size, cache_workers)
+    return ImageList(samples, num_classes, tf, resized, where), num_classes
+
+
+def check(name: str, data_dir=None, img_size: int = PAPER_SIZE, sample: int = 20):
+    """Print what a dataset on disk holds, before a long run: the layout read and where, the images per split (and
+    subset), the classes, the sizes of a sample of images, and the disk space `--cache` takes at `img_size`."""
+    splits = {split: find_samples(name, split, data_dir) for split in ('train', 'test')}
+    _, num_classes, read, root = splits['train']
+    read |= splits['test'][2]
+    print(f'{name}, {num_classes} classes: {described(read)}')
+    sizes, unreadable = Counter(), []
+    for split, (samples, _, _, _) in splits.items():
+        subsets = Counter(subset_of(p, root) for p, _ in samples)
+        per = ' '.join(f'{s} {subsets[s]:,}' for s in AGEING if s in subsets)
+        print(f'  {split}: {len(samples):,} images of {len({c for _, c in samples})} classes' + f' ({per})' * bool(per))
+        for path, _ in samples[::max(1, 2 * len(samples) // sample)]:  # spread over the split, sample / 2 of them
+            try:
+                with Image.open(path) as img:
+                    sizes[f'{img.width}x{img.height} {img.mode}'] += 1
+            except (OSError, ValueError) as e:
+                unreadable.append(f'{path} ({e})')
+    print(f'  image sizes in a sample of {sum(sizes.values()) + len(unreadable)}: '
+          + ', '.join([f'{s} ({n})' for s, n in sizes.items()] + [f'{len(unreadable)} unreadable'] * bool(unreadable))
+          + (f', e.g. {unreadable[0]}' if unreadable else ''))
+    for split, (samples, _, _, _) in splits.items():
+        path, side = resized_file(samples, img_size), resize(img_size).size[0]
+        size, free = len(samples) * 3 * side * side, shutil.disk_usage(next(p for p in path.parents if p.exists())).free
+        print(f'  --cache at {img_size} px, {split}: ' + (f'{size / 2**30:.1f} GiB' if size > 2**30 else
+              f'{size / 2**20:.0f} MiB') + f' in {path.parent} ({"built" if path.exists() else "not built yet"}; '
+              f'{free / 2**30:.0f} GiB free there)')
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description='Check a dataset on disk before training: what is found, what it lacks.')
+    p.add_argument('--dataset', choices=DATASETS[2:], required=True, help='folder or a UFG dataset')
+    p.add_argument('--data-dir', help='dataset folder (default data/<dataset>)')
+    p.add_argument('--img-size', type=int, default=PAPER_SIZE, help='the size to train at, for --cache (default 448)')
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        check(args.dataset, args.data_dir, args.img_size)
+    except DatasetError as e:
+        sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+    main()

@@ -92,9 +92,14 @@ def autocast_args(amp: str, device: torch.device) -> dict:
     return dict(device_type=device.type, dtype=torch.float16 if amp == 'fp16' else torch.bfloat16, enabled=amp != 'off')
 
 
+def one_line(error: Exception) -> str:
+    """The message of `error`; a DataLoader worker wraps it in its traceback: the last line, without the class."""
+    return re.sub(r'^[\w.]+Error: ', '', str(error).strip().splitlines()[-1])
+
+
 def exit_with(error: Exception):
-    """One line, no traceback; a DataLoader worker wraps the error in its traceback: keep the last line."""
-    sys.exit('error: ' + re.sub(r'^[\w.]+Error: ', '', str(error).strip().splitlines()[-1]))
+    """One line, no traceback."""
+    sys.exit(f'error: {one_line(error)}')
 
 
 @torch.no_grad()

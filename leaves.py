@@ -26,6 +26,7 @@ class Leaves(Dataset):
     `factors` splits a label in two; length index k is a leaf 0.5 + 0.1 k long (half its extent in [-1, 1])."""
 
     per_class = {'train': 400, 'test': 300}  # images per class and split
+    where = 'drawn on the fly by leaves.py'  # what train.py says it reads
     cache_bytes = 2**30  # keep a split's rendered images in memory when they fit in this
 
     num_classes = 10

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from data import AUGMENTATIONS, DATASETS, DatasetError, build_dataset
-from eval import (DEVICES, add_model_flags, autocast_args, evaluate, exit_with, model_fields, pick_device,
+from eval import (DEVICES, add_model_flags, autocast_args, evaluate, exit_with, model_fields, one_line, pick_device,
                   runtime_defaults)
 from model import CLCA, PAPER_BACKBONE, PAPER_SIZE, backbone_config, create_model
 from weights import CheckpointError, load_weights, open_checkpoint, pretrained_url, save_checkpoint
@@ -165,6 +165,15 @@ def make_demo_backbone(args):
     train(parse_args(['--resume', str(path)] if saved else flags + ['--device', args.device]))
 
 
+def batches(loader, kept: str):
+    """The batches of `loader`; an image that cannot be read (a truncated file) stops the run with its name and what
+    `kept` says: the last checkpoint, written whole before the epoch began, is left as it was."""
+    try:
+        yield from loader
+    except DatasetError as e:  # from a loader worker, the message ends with the worker's last traceback line
+        raise DatasetError(f'{one_line(e)}; {kept}') from None
+
+
 def train(args):
     """Train one model; returns the last epoch's metrics."""
     # 0. the machine. torchrun sets WORLD_SIZE: one code path for 1 or N processes
@@ -247,7 +256,8 @@ def train(args):
         backend = ''
         if distributed:
             backend = f' ({dist.get_backend()}, SyncBatchNorm)' if device.type == 'cuda' else f' ({dist.get_backend()})'
-        print(f'{args.dataset}: {len(train_set)} train / {len(test_set)} test images, {num_classes} classes; '
+        print(f'{args.dataset}: {len(train_set)} train / {len(test_set)} test images, {num_classes} classes, '
+              f'{train_set.where}; '
               f'{args.backbone} {args.method} keep {args.keep} clc={args.clc} cla={args.cla} on {device} x{world}'
               f'{backend}, precision {args.amp} ({how}), compile {args.compile}; writing to {run_dir}')
 
@@ -263,7 +273,8 @@ def train(args):
         norms = []
         t0 = time.perf_counter()
         kept = f'the last good checkpoint is {run_dir / "last.pt"}' if epoch else 'no checkpoint was written'
-        bar = tqdm(train_loader, desc=f'epoch {epoch + 1}/{args.epochs}', leave=False, disable=rank != 0)
+        bar = tqdm(batches(train_loader, kept), desc=f'epoch {epoch + 1}/{args.epochs}', total=len(train_loader),
+                   leave=False, disable=rank != 0)
         for step, (images, labels) in enumerate(bar):
             lr = lr_at(epoch + (step / len(train_loader) if args.schedule == 'step' else 0), args)
             for group in optimizer.param_groups:
@@ -293,7 +304,7 @@ def train(args):
         if distributed:
             dist.all_reduce(totals)
         elapsed = time.perf_counter() - t0
-        test = evaluate(net, test_loader, device, amp)
+        test = evaluate(net, batches(test_loader, kept), device, amp)
         if not math.isfinite(test['test_loss']):  # the weights broke in the last step: keep the last good file
             raise FloatingPointError(f'the test loss became {test["test_loss"]} after epoch {epoch + 1}; {kept}: '
                                      'lower --lr, or set --clip-grad 1.0')

@@ -8,6 +8,7 @@ from PIL import Image
 
 from torch.utils.data import DataLoader
 
+import data
 from data import DatasetError, build_dataset, transforms
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,3 +147,150 @@ def test_the_resized_file_follows_the_images_and_the_size(tmp_path):
     plain = build_dataset('folder', 'train', 32, tmp_path)[0]
     assert changed.resized != first.resized and torch.equal(changed[1][0], plain[1][0])  # never the stale pixels
     assert not list(changed.resized.parent.glob('*.tmp'))  # written under a temporary name, then renamed
+
+
+# Where each UFG archive unpacks (the folder with anno/ and images/) and how its images are named, as released
+ARCHIVES = {'cotton': 'Cotton80/COTTON', 'soylocal': 'SoyLocal/soybean200', 'soyglobal': 'SoyGlobal/soybean2000',
+            'soygene': 'SoyGene/soybeangene'}
+COUNTS = {'cotton': (240, 240, 80), 'soylocal': (600, 600, 200), 'soyglobal': (5814, 5814, 1938),
+          'soygene': (12763, 11143, 1110)}
+
+
+def release(folder: Path, lines: dict, draw=None):
+    """An unpacked release: anno/<split>.txt with '<file> <1-based label>' lines, the files under images/ (empty,
+    unless `draw(path)` makes them)."""
+    (folder / 'anno').mkdir(parents=True)
+    (folder / 'images').mkdir()
+    for split, rows in lines.items():
+        (folder / 'anno' / f'{split}.txt').write_text(''.join(f'{name} {label}\n' for name, label in rows))
+        for name, _ in rows:
+            draw(folder / 'images' / name) if draw else (folder / 'images' / name).touch()
+
+
+def ufg_lines(name: str) -> dict:
+    """Every split's (file, 1-based label) lines at the release's counts, named as released: cotton, soylocal and
+    soyglobal '<class>_<n>_<split>.png', soygene '<plant id>_<n>_<split>.png' (no class in the name)."""
+    *counts, classes = COUNTS[name]
+    label = lambda i: 1 + (7 * i) % classes  # every class, in no simple order
+    if name == 'soygene':
+        return {s: [(f'GDC{i % 977:03d}-1-{i:05d}_1_{s}.png', label(i)) for i in range(n)] for s, n in zip(SPLITS, counts)}
+    return {s: [(f'{label(i)}_{i}_{s}.png', label(i)) for i in range(n)] for s, n in zip(SPLITS, counts)}
+
+
+SPLITS = ('train', 'test')
+CULTIVARS = [f'yd{k:03d}' for k in torch.randperm(198, generator=torch.Generator().manual_seed(0)).tolist()]
+
+
+def ageing_lines(subset: str, per_class=5) -> dict:
+    """A SoyAgeing subset's lines: 198 cultivars, `per_class` images each per split; cultivar k has label k + 1 in
+    every subset (the cultivars are listed in a shuffled order, so their labels are not their names)."""
+    return {s: [(f'{c}_{subset}_{n}_{s}.png', k + 1) for k, c in enumerate(CULTIVARS) for n in range(1, per_class + 1)]
+            for s in SPLITS}
+
+
+def labels_by_name(name, data_dir):
+    """{image file name: 0-based label}, the images per split and the class counts, as build_dataset reads them."""
+    found, sizes, classes = {}, [], set()
+    for split in SPLITS:
+        ds, num_classes = build_dataset(name, split, 32, data_dir)
+        found |= {p.name: c for p, c in ds.samples}
+        sizes.append(len(ds))
+        classes.add(num_classes)
+    return found, tuple(sizes), classes
+
+
+BIG = pytest.mark.long  # thousands of files: in the full suite only
+
+
+@pytest.mark.parametrize('name', ['cotton', 'soylocal', pytest.param('soyglobal', marks=BIG),
+                                  pytest.param('soygene', marks=BIG)])
+def test_each_release_reads_as_unpacked_at_its_counts_from_above_or_inside_its_wrapper(tmp_path, name, capsys):
+    lines = ufg_lines(name)
+    release(tmp_path / ARCHIVES[name], lines)
+    for data_dir in (tmp_path, tmp_path / ARCHIVES[name].split('/')[0], tmp_path / ARCHIVES[name]):
+        found, sizes, classes = labels_by_name(name, data_dir)
+        assert sizes == COUNTS[name][:2] and classes == {COUNTS[name][2]}
+        assert found == {file: label - 1 for rows in lines.values() for file, label in rows}  # 1-based in anno
+    assert capsys.readouterr().err == ''  # the counts are the benchmark's: no warning
+
+
+@pytest.mark.parametrize('layout', ['SoyAgeing/SoyAgeing-{r}/{r}', pytest.param('SoyAgeing-{r}/{r}', marks=BIG),
+                                    pytest.param('{r}', marks=BIG)])
+def test_soyageing_merges_its_five_subsets_with_one_label_per_cultivar(tmp_path, layout, capsys):
+    for r in ('R1', 'R3', 'R4', 'R5', 'R6'):
+        release(tmp_path / layout.format(r=r), ageing_lines(r))
+    found, sizes, classes = labels_by_name('soyageing', tmp_path)
+    assert sizes == (4950, 4950) and classes == {198}
+    per_cultivar = {}
+    for file, label in found.items():
+        per_cultivar.setdefault(file.split('_')[0], set()).add(label)
+    assert per_cultivar == {c: {k} for k, c in enumerate(CULTIVARS)}  # the same label in every subset, 0-based
+    assert capsys.readouterr().err == ''
+    one, classes = build_dataset('soyageing-r4', 'test', 32, tmp_path)  # one subset alone
+    assert (len(one), classes) == (990, 198) and all('_R4_' in p.name for p, _ in one.samples)
+
+
+def test_a_missing_subset_is_said_in_one_line_and_the_rest_is_read(tmp_path, capsys):
+    for r in ('R1', 'R3', 'R5', 'R6'):
+        release(tmp_path / f'SoyAgeing-{r}' / r, ageing_lines(r, per_class=1))
+    train, classes = build_dataset('soyageing', 'train', 32, tmp_path)
+    assert (len(train), classes) == (4 * 198, 198)
+    err = capsys.readouterr().err.strip()
+    assert err.count('\n') == 0 and 'found 792 images of 198 classes in subsets R1 R3 R5 R6 of R1 R3 R4 R5 R6' in err
+    assert 'the benchmark has 4,950' in err
+    with pytest.raises(DatasetError, match='no images of subsets R4'):
+        build_dataset('soyageing-r4', 'train', 32, tmp_path)
+
+
+def test_the_authors_csvs_read_from_their_image_folder_or_the_releases(tmp_path):
+    inner = tmp_path / 'SoyGlobal' / 'soybean2000'
+    release(inner, {'train': [('1_1_train.png', 1), ('2_1_train.png', 2)], 'test': [('1_1_test.png', 1)]})
+    (inner / 'anno' / 'train.txt').write_text('')  # the CSVs come first, where both are
+    for where in (inner, tmp_path / 'SoyGlobal'):  # CSVs beside images/, or above soybean2000/ (the CSVs' folder)
+        csv_layout(where, [(1, '2_1_train.png'), (0, '1_1_train.png')], [(0, '1_1_test.png')], image_dir='unused')
+        ds, _ = build_dataset('soyglobal', 'train', 32, where)
+        assert [(p, c) for p, c in ds.samples] == [(inner / 'images' / '2_1_train.png', 1),
+                                                   (inner / 'images' / '1_1_train.png', 0)]
+        for f in ('train_val.csv', 'test.csv'):
+            (where / f).unlink()
+    (tmp_path / 'ageing').mkdir()  # the authors' SoyAgeing CSVs list R1/images/... : beside the subsets' folders
+    csv_layout(tmp_path / 'ageing', [(3, 'R1/images/yd003_R1_1_train.png'), (5, 'R3/images/yd005_R3_1_train.png'),
+                                     (4, 'mine/x.png')], [], image_dir='.')
+    assert [c for _, c in build_dataset('soyageing', 'train', 32, tmp_path / 'ageing')[0].samples] == [3, 5, 4]
+    assert [c for _, c in build_dataset('soyageing-r3', 'train', 32, tmp_path / 'ageing')[0].samples] == [5, 4]
+
+
+def test_a_partial_download_or_an_ambiguous_folder_is_one_clear_error(tmp_path):
+    lines = ufg_lines('cotton')
+    release(tmp_path / 'Cotton80' / 'COTTON', lines)
+    (tmp_path / 'Cotton80' / 'COTTON' / 'images' / lines['train'][7][0]).unlink()
+    with pytest.raises(DatasetError, match=r'1 of the 240 train images listed are missing, e\.g\. .*_7_train\.png'):
+        build_dataset('cotton', 'train', 32, tmp_path)
+    release(tmp_path / 'copy' / 'COTTON', lines)
+    with pytest.raises(DatasetError, match='holds 2 datasets'):
+        build_dataset('cotton', 'train', 32, tmp_path)
+    for label in (0, 81):  # a 0-based file, a class the release does not have
+        release(tmp_path / str(label), {'train': [('a.png', label)]})
+        with pytest.raises(DatasetError, match='outside 0..79'):
+            build_dataset('cotton', 'train', 32, tmp_path / str(label))
+
+
+def test_the_data_check_says_what_it_found_and_what_the_cache_takes(tmp_path, capsys):
+    for r in ('R1', 'R3', 'R4', 'R5', 'R6'):
+        release(tmp_path / f'SoyAgeing-{r}' / r, ageing_lines(r, per_class=1), draw=lambda p: image(p, size=(64, 48)))
+    data.main(['--dataset', 'soyageing', '--data-dir', str(tmp_path), '--img-size', '32'])
+    out, err = capsys.readouterr()
+    assert "soyageing, 198 classes: the benchmark's release (anno/*.txt, images/) in " in out
+    assert f'images/) in {tmp_path}: SoyAgeing-R1/R1, SoyAgeing-R3/R3, SoyAgeing-R4/R4, SoyAgeing-R5/R5' in out
+    assert 'train: 990 images of 198 classes (R1 198 R3 198 R4 198 R5 198 R6 198)' in out
+    assert 'image sizes in a sample of 20: 64x48 RGB (20)' in out
+    assert f'--cache at 32 px, train: 4 MiB in {tmp_path}/.resized (not built yet' in out  # 990 x 3 x 36 x 36 bytes
+    assert 'found 990 images of 198 classes in subsets R1 R3 R4 R5 R6' in err  # 1 image per cultivar, not 5
+    build_dataset('soyageing', 'train', 32, tmp_path, cache_workers=0)
+    data.main(['--dataset', 'soyageing', '--data-dir', str(tmp_path), '--img-size', '448'])
+    assert '--cache at 448 px, train: 742 MiB' in capsys.readouterr().out  # 990 x 768 KiB
+    data.main(['--dataset', 'soyageing', '--data-dir', str(tmp_path), '--img-size', '32'])
+    out = capsys.readouterr().out
+    assert 'train: 4 MiB in' in out and '.resized (built;' in out and '.resized (not built yet;' in out  # test: not yet
+    with pytest.raises(SystemExit, match='error: dataset folder .* does not exist'):
+        data.main(['--dataset', 'cotton', '--data-dir', str(tmp_path / 'nowhere')])

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
 import eval as evaluation
 import explain
 import plot
@@ -15,8 +16,8 @@ import train
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]
-PARSERS = {'train.py': train.parse_args, 'eval.py': evaluation.parse_args, 'explain.py': explain.parse_args,
-           'plot.py': plot.parse_args}
+PARSERS = {'data.py': data.parse_args, 'train.py': train.parse_args, 'eval.py': evaluation.parse_args,
+           'explain.py': explain.parse_args, 'plot.py': plot.parse_args}
 # the shell variables the docs' loops use, and a value each could take
 VARIABLES = {'seed': '4'}
 

@@ -35,6 +35,8 @@ def test_a_checkpoint_for_another_dataset_is_refused(tmp_path):
     official_checkpoint(tmp_path / 'clca.pth')
     (tmp_path / 'cotton' / 'anno').mkdir(parents=True)
     (tmp_path / 'cotton' / 'anno' / 'test.txt').write_text('x.png 1\n')
+    (tmp_path / 'cotton' / 'images').mkdir()
+    (tmp_path / 'cotton' / 'images' / 'x.png').touch()  # every listed image must be there
     with pytest.raises(SystemExit, match='cotton has 80 classes but the model predicts 10'):
         evaluation.main(['--checkpoint', str(tmp_path / 'clca.pth'), '--dataset', 'cotton',
                          '--data-dir', str(tmp_path / 'cotton')])

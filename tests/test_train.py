@@ -85,6 +85,26 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     assert torch.load(tmp_path / 'last.pt', weights_only=True)['epoch'] == 1
 
 
+@pytest.mark.parametrize('workers', [0, pytest.param(2, marks=pytest.mark.long)])
+def test_an_image_that_breaks_mid_run_is_named_in_one_line_and_the_checkpoint_is_kept(tmp_path, monkeypatch, workers):
+    data_dir = tiny_folder(tmp_path / 'data')
+    broken, real_save, saved = data_dir / 'train' / 'c1' / '3.png', train.save_checkpoint, []
+
+    def save_then_truncate(model, path, **state):  # the disk loses the end of one image after epoch 1 was saved
+        real_save(model, path, **state)
+        saved.append(path.read_bytes())
+        broken.write_bytes(broken.read_bytes()[:80])
+    monkeypatch.setattr(train, 'save_checkpoint', save_then_truncate)
+    flags = ['--dataset', 'folder', '--data-dir', str(data_dir), '--backbone', 'vit_tiny_patch8_224', '--img-size', '32',
+             '--pretrained', 'none', '--batch-size', '4', '--epochs', '3', '--workers', str(workers)]
+    with pytest.raises(SystemExit) as stop:
+        train.main(flags + ['--out', str(tmp_path / 'run')])
+    message = str(stop.value)
+    assert message.startswith(f'error: cannot read image {broken}') and '\n' not in message
+    assert message.endswith(f'the last good checkpoint is {tmp_path / "run" / "last.pt"}')
+    assert len(saved) == 1 and (tmp_path / 'run' / 'last.pt').read_bytes() == saved[0]  # epoch 1's, untouched
+
+
 def test_resuming_a_missing_corrupt_or_foreign_checkpoint_is_one_clear_error(tmp_path):
     with pytest.raises(SystemExit, match='checkpoint not found'):
         train.main([f'--resume={tmp_path / "nope.pt"}'])
