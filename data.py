@@ -116,7 +116,7 @@ def resized_file(samples, img_size: int) -> Path:
     version. A changed image or size gets a new file."""
     side = resize(img_size).size[0]
     folder = Path(os.path.commonpath([p.parent for p, _ in samples])) / '.resized'
-    stamps = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p, _ in samples]
+    stamps = [(str(p.absolute()), p.stat().st_size, p.stat().st_mtime_ns) for p, _ in samples]  # however typed
     key = hashlib.sha256(json.dumps([stamps, side, PIL.__version__]).encode()).hexdigest()[:16]
     return folder / f'{side}px-{key}.u8'
 
@@ -148,11 +148,15 @@ def resize_once(samples, img_size: int, workers: int) -> Path:
 
 def data_folders(root: Path, depth: int = 3) -> list:
     """`root` if it holds a dataset in one of the three layouts, else the folders below it that do, down to `depth`
-    levels: a release unpacks inside wrappers (Cotton80/COTTON/, SoyAgeing/SoyAgeing-R1/R1/)."""
-    if any((root / marker).exists() for marker in ('train_val.csv', 'test.csv', 'anno', 'train', 'test')):
-        return [root]
-    below = sorted(Path(e.path) for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.')) if depth else []
-    return [found for folder in below for found in data_folders(folder, depth - 1)]
+    levels: a release unpacks inside wrappers (Cotton80/COTTON/, SoyAgeing/SoyAgeing-R1/R1/). Hidden folders, the
+    __MACOSX copies some archives carry and folders this user cannot read (lost+found) are passed over."""
+    try:
+        if any((root / marker).exists() for marker in ('train_val.csv', 'test.csv', 'anno', 'train', 'test')):
+            return [root]
+        below = [Path(e.path) for e in os.scandir(root) if e.is_dir() and e.name[0] != '.' and e.name != '__MACOSX']
+    except PermissionError:
+        return []
+    return [found for folder in sorted(below) if depth for found in data_folders(folder, depth - 1)]
 
 
 def read_split(folder: Path, split: str, csv_folder: str = 'images'):
@@ -169,6 +173,10 @@ def read_split(folder: Path, split: str, csv_folder: str = 'images'):
         # the folder the CSV names (the authors' own copies), or the release's images/ in its place
         bases = [folder / csv_folder, folder / csv_folder / 'images', folder / 'images']
         base = next((b for b in bases if rows and (b / rows[0][0]).is_file()), bases[0])
+        # SoyAgeing's paths start R1/, which its release keeps one folder down, in SoyAgeing-R1/
+        down = {r: f'SoyAgeing-{r}/' for r in AGEING
+                if (base / f'SoyAgeing-{r}' / r).is_dir() and not (base / r).is_dir()}
+        rows = [(down.get(name.split('/')[0], '') + name, label, first) for name, label, first in rows]
         layout = 'csv'
     elif txt.is_file():  # lines "<image> <1-based label>", images under images/
         rows = [line.rsplit(maxsplit=1) + [1] for line in txt.read_text().splitlines() if line.strip()]
@@ -195,23 +203,40 @@ def read_split(folder: Path, split: str, csv_folder: str = 'images'):
 
 def subset_of(path: Path, root: Path) -> str | None:
     """The SoyAgeing subset folder (R1, R3, ...) that `path` lies in, below `root` or `root` itself; None if none."""
-    return next((part for part in path.relative_to(root.parent).parts if part in AGEING), None)
+    return next((part for part in path.absolute().relative_to(root.absolute().parent).parts if part in AGEING), None)
 
 
-def find_samples(name: str, split: str, data_dir=None):
-    """(samples, num_classes, {folder: layout}, root) of `split` of dataset `name` on disk, checked: every label a
-    class, every listed image there. A release in parts (SoyAgeing) merges the parts found, labels as they are; one
-    folder is read otherwise. A UFG split that differs from its release is said in one line, and the run goes on."""
-    root, release = Path(data_dir or f'data/{name}'), UFG.get(name, Release(0, 0, 0, 'images'))
-    if not root.is_dir():
-        raise DatasetError(f'dataset folder {root} does not exist: pass --data-dir, or put the {name} data there '
-                           '(get it from the UFG benchmark, Yu et al., ICCV 2021; README: Data)')
+def dataset_folders(root: Path, name: str, release) -> list:
+    """The folders under `root` that hold dataset `name`: one, or for SoyAgeing one per subset found (each once) of
+    those `name` asks for; anything else beside them is refused, not merged."""
     folders = data_folders(root)
     if len(folders) > 1 and not release.subsets:
         raise DatasetError(f'{root} holds {len(folders)} datasets ({", ".join(map(str, folders[:3]))}): pass the one '
                            'you mean as --data-dir')
+    if len(folders) < 2:  # none, one dataset, one subset, or the subsets in one folder (the authors' CSVs)
+        return folders
+    parts = [subset_of(f, root) for f in folders]
+    odd = [f for f, part in zip(folders, parts) if part is None or parts.count(part) > 1]
+    if odd:
+        raise DatasetError(f'{odd[0]} is no {name} subset, or a second copy of one: keep only the subsets '
+                           f'({" ".join(AGEING)}) in {root}, or pass the folder that holds them as --data-dir')
+    if not set(parts) & set(release.subsets):
+        raise DatasetError(f'{root} holds SoyAgeing subsets {" ".join(sorted(parts))}, not {name}\'s '
+                           f'{" ".join(release.subsets)}')
+    return [f for f, part in zip(folders, parts) if part in release.subsets]
+
+
+def find_samples(name: str, split: str, data_dir=None):
+    """(samples, num_classes, {folder: layout}, root) of `split` of dataset `name` on disk, checked: every label a
+    class, every listed image there. A release in parts (SoyAgeing) merges the parts found, labels as they are. A
+    UFG split that differs from its release is said in one line, and the run goes on."""
+    release = UFG.get(name, Release(0, 0, 0, 'images'))
+    root = Path(data_dir or f'data/{name.partition("-")[0]}')  # soyageing-r1 lives in data/soyageing too
+    if not root.is_dir():
+        raise DatasetError(f'dataset folder {root} does not exist: pass --data-dir, or put the {name} data there '
+                           '(get it from the UFG benchmark, Yu et al., ICCV 2021; README: Data)')
     samples, seen, read = [], 0, {}
-    for folder in folders:
+    for folder in dataset_folders(root, name, release):
         found, classes, layout = read_split(folder, split, release.csv_folder)
         samples, seen, read = samples + found, max(seen, classes), read | ({folder: layout} if layout else {})
     if not read:
@@ -219,8 +244,9 @@ def find_samples(name: str, split: str, data_dir=None):
             f'no {split} split found in {root} or the folders below it: looked for train_val.csv/test.csv (the CLCA '
             f"authors' CSVs), anno/{split}.txt with images/ (the UFG benchmark release) or {split}/<class>/ folders. "
             'Get the UFG benchmark (Yu et al., ICCV 2021) and unpack it there (README: Data).')
-    if release.subsets:  # soyageing-r1 is R1 alone: the images of the other subsets are left out
-        samples = [(p, c) for p, c in samples if subset_of(p, root) in (None, *release.subsets)]
+    if release.subsets:  # soyageing-r1 is R1 alone; an image in no subset folder belongs to the whole only
+        keep = (*release.subsets, None) if release.subsets == AGEING else release.subsets
+        samples = [(p, c) for p, c in samples if subset_of(p, root) in keep]
     if name not in UFG and split != 'train':  # a folder's classes are those of its training split
         seen = max(seen, find_samples(name, 'train', data_dir)[1])
     num_classes = release.classes or seen
@@ -250,7 +276,8 @@ def unlike_release(name: str, split: str, samples, root: Path) -> str | None:
     found = sorted({subset_of(p, root) for p, _ in samples} - {None}) if release.subsets else []
     return (f'{name} {split}: found {len(samples):,} images of {classes} classes'
             + (f' in subsets {" ".join(found)} of {" ".join(release.subsets)}' if found else '')
-            + f'; the benchmark has {expected:,} of {release.classes}: a subset missing or a partial download? Going on')
+            + f'; the benchmark has {expected:,} of {release.classes}: a subset missing or a partial download? '
+            'Going on')
 
 
 def described(read: dict) -> str:
@@ -325,7 +352,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         check(args.dataset, args.data_dir, args.img_size)
-    except DatasetError as e:
+    except (DatasetError, OSError) as e:  # OSError: a file this user may not read
         sys.exit(f'error: {e}')
 
 

@@ -297,7 +297,7 @@ def main(argv=None):
         else:
             res = accuracy(model, eval_split(args, model, raw), args, device)
             print(f"{args.split} top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['test_loss']:.4f}")
-    except (DatasetError, CheckpointError, ValueError) as e:
+    except (DatasetError, CheckpointError, ValueError, OSError) as e:
         exit_with(e)
 
 

@@ -242,7 +242,7 @@ def main(argv=None):
         else:
             visualize(model, dataset, args.visualize, device)
             print(f'wrote {args.visualize}')
-    except (DatasetError, CheckpointError, ValueError) as e:
+    except (DatasetError, CheckpointError, ValueError, OSError) as e:
         exit_with(e)
 
 

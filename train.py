@@ -331,7 +331,7 @@ def main(argv=None):
         if args.dataset == 'leaves' and args.pretrained == 'auto':
             make_demo_backbone(args)
         return train(args)
-    except (DatasetError, CheckpointError, FloatingPointError) as e:
+    except (DatasetError, CheckpointError, FloatingPointError, OSError) as e:  # OSError: a disk, a permission
         exit_with(e)
 
 

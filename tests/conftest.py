@@ -1,4 +1,5 @@
 import argparse
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,6 +82,17 @@ def tiny_folder(root, train=8, test=2):
             for i in range(count):
                 Image.new('RGB', (40, 40), (100 * c, 10 * i, 50)).save(root / split / f'c{c}' / f'{i}.png')
     return root
+
+
+def release(folder: Path, lines: dict, draw=None):
+    """An unpacked release: anno/<split>.txt with '<file> <1-based label>' lines, the files under images/ (empty,
+    unless `draw(path)` makes them)."""
+    (folder / 'anno').mkdir(parents=True)
+    (folder / 'images').mkdir()
+    for split, rows in lines.items():
+        (folder / 'anno' / f'{split}.txt').write_text(''.join(f'{name} {label}\n' for name, label in rows))
+        for name, _ in rows:
+            draw(folder / 'images' / name) if draw else (folder / 'images' / name).touch()
 
 
 def open_clip_release(width=768, layers=12, patch=16, grid=14, text_width=512, text_layers=12, vocab=49408,

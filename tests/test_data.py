@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import data
+from conftest import release
 from data import DatasetError, build_dataset, transforms
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,24 +158,14 @@ COUNTS = {'cotton': (240, 240, 80), 'soylocal': (600, 600, 200), 'soyglobal': (5
           'soygene': (12763, 11143, 1110)}
 
 
-def release(folder: Path, lines: dict, draw=None):
-    """An unpacked release: anno/<split>.txt with '<file> <1-based label>' lines, the files under images/ (empty,
-    unless `draw(path)` makes them)."""
-    (folder / 'anno').mkdir(parents=True)
-    (folder / 'images').mkdir()
-    for split, rows in lines.items():
-        (folder / 'anno' / f'{split}.txt').write_text(''.join(f'{name} {label}\n' for name, label in rows))
-        for name, _ in rows:
-            draw(folder / 'images' / name) if draw else (folder / 'images' / name).touch()
-
-
 def ufg_lines(name: str) -> dict:
     """Every split's (file, 1-based label) lines at the release's counts, named as released: cotton, soylocal and
     soyglobal '<class>_<n>_<split>.png', soygene '<plant id>_<n>_<split>.png' (no class in the name)."""
     *counts, classes = COUNTS[name]
     label = lambda i: 1 + (7 * i) % classes  # every class, in no simple order
     if name == 'soygene':
-        return {s: [(f'GDC{i % 977:03d}-1-{i:05d}_1_{s}.png', label(i)) for i in range(n)] for s, n in zip(SPLITS, counts)}
+        return {s: [(f'GDC{i % 977:03d}-1-{i:05d}_1_{s}.png', label(i)) for i in range(n)]
+                for s, n in zip(SPLITS, counts)}
     return {s: [(f'{label(i)}_{i}_{s}.png', label(i)) for i in range(n)] for s, n in zip(SPLITS, counts)}
 
 
@@ -238,7 +230,7 @@ def test_a_missing_subset_is_said_in_one_line_and_the_rest_is_read(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert err.count('\n') == 0 and 'found 792 images of 198 classes in subsets R1 R3 R5 R6 of R1 R3 R4 R5 R6' in err
     assert 'the benchmark has 4,950' in err
-    with pytest.raises(DatasetError, match='no images of subsets R4'):
+    with pytest.raises(DatasetError, match="holds SoyAgeing subsets R1 R3 R5 R6, not soyageing-r4's R4"):
         build_dataset('soyageing-r4', 'train', 32, tmp_path)
 
 
@@ -257,7 +249,14 @@ def test_the_authors_csvs_read_from_their_image_folder_or_the_releases(tmp_path)
     csv_layout(tmp_path / 'ageing', [(3, 'R1/images/yd003_R1_1_train.png'), (5, 'R3/images/yd005_R3_1_train.png'),
                                      (4, 'mine/x.png')], [], image_dir='.')
     assert [c for _, c in build_dataset('soyageing', 'train', 32, tmp_path / 'ageing')[0].samples] == [3, 5, 4]
-    assert [c for _, c in build_dataset('soyageing-r3', 'train', 32, tmp_path / 'ageing')[0].samples] == [5, 4]
+    assert [c for _, c in build_dataset('soyageing-r3', 'train', 32, tmp_path / 'ageing')[0].samples] == [5]
+    for r in ('R1', 'R3'):  # the release beside them, in its SoyAgeing-R#/ wrappers: the CSVs' R#/ paths find it
+        release(tmp_path / 'both' / f'SoyAgeing-{r}' / r, ageing_lines(r, per_class=1), draw=image)
+    csv_layout(tmp_path / 'both', [(c - 1, f'{r}/images/{n}') for r in ('R1', 'R3')
+                                   for n, c in ageing_lines(r, 1)['train']], [], image_dir='unused')
+    both = build_dataset('soyageing', 'train', 32, tmp_path / 'both')[0].samples
+    first = tmp_path / 'both' / 'SoyAgeing-R1' / 'R1' / 'images' / f'{CULTIVARS[0]}_R1_1_train.png'
+    assert len(both) == 396 and both[0] == (first, 0)
 
 
 def test_a_partial_download_or_an_ambiguous_folder_is_one_clear_error(tmp_path):
@@ -294,3 +293,27 @@ def test_the_data_check_says_what_it_found_and_what_the_cache_takes(tmp_path, ca
     assert 'train: 4 MiB in' in out and '.resized (built;' in out and '.resized (not built yet;' in out  # test: not yet
     with pytest.raises(SystemExit, match='error: dataset folder .* does not exist'):
         data.main(['--dataset', 'cotton', '--data-dir', str(tmp_path / 'nowhere')])
+
+
+def test_where_the_data_is_found_or_refused(tmp_path, monkeypatch):
+    for r in ('R1', 'R3'):
+        release(tmp_path / 'data' / 'soyageing' / 'SoyAgeing' / f'SoyAgeing-{r}' / r, ageing_lines(r, per_class=1))
+    (tmp_path / 'data' / 'soyageing' / '__MACOSX' / 'SoyAgeing-R1' / 'R1' / 'anno').mkdir(parents=True)  # a Mac's zip
+    monkeypatch.chdir(tmp_path)
+    assert len(build_dataset('soyageing-r3', 'train', 32)[0]) == 198  # a subset's default folder: data/soyageing
+    monkeypatch.chdir(tmp_path / 'data' / 'soyageing' / 'SoyAgeing' / 'SoyAgeing-R3' / 'R3')
+    assert len(build_dataset('soyageing-r3', 'test', 32, '.')[0]) == 198  # the subset is R3, however its path is typed
+    with pytest.raises(DatasetError, match='has no images of subsets R1'):  # not R3's images under R1's name
+        build_dataset('soyageing-r1', 'train', 32, '.')
+    monkeypatch.chdir(tmp_path)
+    release(tmp_path / 'data' / 'soyageing' / 'Cotton80' / 'COTTON', {'train': [('1_1_train.png', 1)]})
+    with pytest.raises(DatasetError, match=r'Cotton80/COTTON is no soyageing subset, or a second copy of one'):
+        build_dataset('soyageing', 'train', 32)
+    real_scandir = os.scandir
+
+    def scandir(path):  # a folder this user may not read, as lost+found on a mounted disk
+        if str(path).endswith('Cotton80'):
+            raise PermissionError(13, 'Permission denied', str(path))
+        return real_scandir(path)
+    monkeypatch.setattr(data.os, 'scandir', scandir)
+    assert len(build_dataset('soyageing', 'train', 32)[0]) == 2 * 198  # passed over, the subsets read

@@ -5,6 +5,7 @@ open_clip saves one. One training step, then the checkpoint evaluated, then the 
 import re
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import eval as evaluation
-from conftest import open_clip_release
+from conftest import open_clip_release, release
 from data import build_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,9 +21,10 @@ SUBSETS = ('R1', 'R3', 'R4', 'R5', 'R6')
 PER_SUBSET = {'train': 7, 'test': 1}  # 35 training images: one full batch of 32
 
 
-def leaf_photo(path: Path, seed: int):
-    """A 1000 x 1000 RGB PNG, the size of the release's photographs: a plain field with a lighter disc."""
-    g = torch.Generator().manual_seed(seed)
+def leaf_photo(path: Path):
+    """A 1000 x 1000 RGB PNG, the size of the release's photographs: a plain field with a lighter disc, drawn from a
+    seed its name gives."""
+    g = torch.Generator().manual_seed(zlib.crc32(path.name.encode()))
     shade = torch.randint(40, 200, (3,), generator=g)
     x, y = torch.randint(300, 700, (2,), generator=g).tolist()
     img = Image.new('RGB', (1000, 1000), tuple(shade.tolist()))
@@ -33,18 +35,11 @@ def leaf_photo(path: Path, seed: int):
 def soyageing_release(root: Path):
     """SoyAgeing as its five archives unpack: SoyAgeing/SoyAgeing-R#/R#/{anno,images}, 1-based labels, names as
     released; cultivar k has label k + 1 in every subset."""
-    for r in SUBSETS:
-        folder = root / 'SoyAgeing' / f'SoyAgeing-{r}' / r
-        (folder / 'anno').mkdir(parents=True)
-        (folder / 'images').mkdir()
-        for split, n in PER_SUBSET.items():
-            lines = []
-            for i in range(n):
-                k = (17 * i + SUBSETS.index(r)) % 198  # spread over the 198 cultivars
-                name = f'yd{k:03d}_{r}_{i + 1}_{split}.png'
-                leaf_photo(folder / 'images' / name, seed=100 * SUBSETS.index(r) + 10 * (split == 'test') + i)
-                lines.append(f'{name} {k + 1}\n')
-            (folder / 'anno' / f'{split}.txt').write_text(''.join(lines))
+    for s, r in enumerate(SUBSETS):
+        cultivars = {split: [(17 * i + s) % 198 for i in range(n)] for split, n in PER_SUBSET.items()}  # spread out
+        lines = {split: [(f'yd{k:03d}_{r}_{i + 1}_{split}.png', k + 1) for i, k in enumerate(ks)]
+                 for split, ks in cultivars.items()}
+        release(root / 'SoyAgeing' / f'SoyAgeing-{r}' / r, lines, draw=leaf_photo)
 
 
 @pytest.mark.long
