@@ -238,7 +238,8 @@ def train(args):
     if ckpt is not None:
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
+        if ckpt['scaler']:  # empty where the run was saved without fp16: a scaler switched on by --amp starts anew
+            scaler.load_state_dict(ckpt['scaler'])
         start = ckpt['epoch']
     net = torch.compile(model) if args.compile else model
     if distributed:

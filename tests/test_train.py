@@ -258,6 +258,25 @@ def test_bf16_training_on_a_cpu_is_finite_resumes_exactly_and_keeps_its_precisio
     assert b['args']['amp'] == 'bf16' and all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
 
 
+@pytest.mark.long
+def test_a_run_saved_without_fp16_resumes_with_amp_fp16(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(leaves.Leaves, 'per_class', {'train': 10, 'test': 5})
+    real_save = train.save_checkpoint
+
+    def crash_after_saving(model, path, **state):
+        real_save(model, path, **state)
+        if state['epoch'] == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train, 'save_checkpoint', crash_after_saving)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(FAST + ['--epochs', '2', '--amp', 'off', '--batch-size', '20', '--out', str(tmp_path)])
+    monkeypatch.setattr(train, 'save_checkpoint', real_save)
+    assert torch.load(tmp_path / 'last.pt', weights_only=True)['scaler'] == {}  # a disabled scaler saves nothing
+    metrics = train.main(['--resume', str(tmp_path / 'last.pt'), '--amp', 'fp16'])
+    assert metrics['epoch'] == 2 and 'precision fp16 (given)' in capsys.readouterr().out
+    assert torch.load(tmp_path / 'last.pt', weights_only=True)['scaler']['scale'] > 0  # the scaler ran
+
+
 def _record_crops(rank, world, port, out, queue):
     """One torchrun-like process: train one epoch on 100 leaves and report the random crops it drew."""
     if world > 1:
