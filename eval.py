@@ -104,24 +104,25 @@ def exit_with(error: Exception):
 
 @torch.no_grad()
 def evaluate(model, loader, device, amp: dict) -> dict:
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy, summed over all processes under torchrun."""
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy under torch.autocast(**amp), summed over all processes
+    under torchrun. The sums stay on the device until the end: no batch waits for the host."""
     model.eval()
-    dtype = next(model.parameters()).dtype  # fp32 while training; `for_inference` casts the model
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, count
+    totals, count = torch.zeros(3, device=device), 0  # correct@1, correct@5, loss sum; float32 counts exact to 2^24
     for images, labels in loader:
-        images = images.to(device, dtype, non_blocking=True)
+        images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         with torch.autocast(**amp):
             logits = model(images)[0].float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
         hits = top5 == labels[:, None]
-        totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(),
-                               torch.nn.functional.cross_entropy(logits, labels, reduction='sum'),
-                               torch.tensor(len(labels), device=device)]).double()
+        loss = torch.nn.functional.cross_entropy(logits, labels, reduction='sum')
+        totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), loss]).float()
+        count += len(labels)
+    totals = torch.cat([totals, totals.new_tensor([count])])
     if dist.is_initialized():
         dist.all_reduce(totals)
-    return dict(top1=(100 * totals[0] / totals[3]).item(), top5=(100 * totals[1] / totals[3]).item(),
-                test_loss=(totals[2] / totals[3]).item())
+    correct1, correct5, loss, count = totals.tolist()
+    return dict(top1=100 * correct1 / count, top5=100 * correct5 / count, test_loss=loss / count)
 
 
 def parse_args(argv=None):
@@ -196,14 +197,15 @@ def eval_split(args, model, raw):
 
 
 def for_inference(model, amp: str, device):
-    """The model in eval mode on `device`, cast once to the --amp precision: with no fp32 master weights to
-    keep, autocast's casting of every weight in every forward is waste. Inputs follow the weights' dtype."""
+    """The model in eval mode on `device`, cast once to the --amp precision, as a deployed model runs (`cost`):
+    with no fp32 master weights to keep, autocast's casting of every weight in every forward is waste."""
     return model.to(device, {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(amp, torch.float32)).eval()
 
 
 def accuracy(model, dataset, args, device) -> dict:
+    """Accuracy as train.py measures it after each epoch: fp32 weights under autocast at --amp, so the two agree."""
     loader = DataLoader(dataset, args.batch_size, num_workers=args.workers)
-    return evaluate(for_inference(model, args.amp, device), loader, device, autocast_args('off', device))
+    return evaluate(model.to(device), loader, device, autocast_args(args.amp, device))
 
 
 def cost(model, args, device) -> dict:

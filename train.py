@@ -40,6 +40,7 @@ PRESETS = {'leaves': LEAVES, 'leaf-species': SPECIES}
 RECIPE = dict(dataset='leaves', norm='imagenet', aug='weak', weight_decay=0.05, clip_grad=0.0, seed=1, device='auto')
 # what a resumed run may change: the machine, never the math (--amp does, and the run says so)
 MACHINE = ('resume', 'amp', 'compile', 'workers', 'cache', 'device')
+SYNC_EVERY = 25  # training steps between the host's reads of the running sums (progress bar, NaN check)
 
 
 def parse_args(argv=None):
@@ -270,9 +271,11 @@ def train(args):
         loader_gen.manual_seed(epoch_seed(args.seed, epoch, rank))
         sampler.set_epoch(epoch)
         net.train()
-        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, images
-        norms = []
-        t0 = time.perf_counter()
+        # running sums on the device, read by the host every SYNC_EVERY steps only, so that a GPU runs ahead (fp16's
+        # gradient scaler still reads its overflow flag at every step)
+        sums = torch.zeros(4, device=device)  # loss x images, correct, sum and count of finite gradient norms
+        norm_max, broken = torch.zeros((), device=device), torch.zeros((), device=device)  # broken: a non-finite loss
+        seen, t0 = 0, time.perf_counter()
         kept = f'the last good checkpoint is {run_dir / "last.pt"}' if epoch else 'no checkpoint was written'
         bar = tqdm(batches(train_loader, kept), desc=f'epoch {epoch + 1}/{args.epochs}', total=len(train_loader),
                    leave=False, disable=rank != 0)
@@ -284,24 +287,29 @@ def train(args):
             labels = labels.to(device, non_blocking=True)
             with torch.autocast(**amp):
                 logits, loss = net(images, labels)  # cross-entropy plus any loss the reduction adds
-            check = loss.detach().clone()
-            if distributed:  # every process sees the same verdict, so all of them stop together
-                dist.all_reduce(check)
-            if not torch.isfinite(check):
-                raise FloatingPointError(f'the loss became {check.item()} in epoch {epoch + 1}; {kept}: '
-                                         'lower --lr, or set --clip-grad 1.0')
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)  # the norm is logged (and clipped) on the true gradients, whatever the scale
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad or math.inf).item()
-            if math.isfinite(norm):  # an fp16 step the scaler skips has no norm worth logging
-                norms.append(norm)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad or math.inf)
             scaler.step(optimizer)
             scaler.update()
-            correct = (logits.argmax(-1) == labels).sum().item()
-            totals += torch.tensor([loss.item() * len(labels), correct, len(labels)], dtype=totals.dtype, device=device)
-            speed = totals[2].item() * world / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{lr:.1e}', img_s=f'{speed:.0f}')
+            finite = torch.isfinite(norm)  # an fp16 step the scaler skips has no norm worth logging
+            loss = loss.detach().float()
+            sums += torch.stack([loss * len(labels), (logits.argmax(-1) == labels).sum(), norm.where(finite, 0), finite])
+            norm_max = torch.maximum(norm_max, norm.where(finite, 0))
+            broken = torch.where(torch.isfinite(loss), broken, loss)
+            seen += len(labels)
+            if (step + 1) % SYNC_EVERY and step + 1 < len(train_loader):
+                continue
+            check = broken.clone()
+            if distributed:  # every process sees the same verdict, so all of them stop together
+                dist.all_reduce(check)
+            if not math.isfinite(check.item()):  # before any checkpoint of this epoch is written
+                raise FloatingPointError(f'the loss became {check.item()} in epoch {epoch + 1}; {kept}: '
+                                         'lower --lr, or set --clip-grad 1.0')
+            bar.set_postfix(loss=f'{sums[0].item() / seen:.3f}', lr=f'{lr:.1e}',
+                            img_s=f'{seen * world / (time.perf_counter() - t0):.0f}')
+        totals = torch.cat([sums[:2], sums.new_tensor([seen])])  # loss x images, correct, images
         if distributed:
             dist.all_reduce(totals)
         elapsed = time.perf_counter() - t0
@@ -309,10 +317,10 @@ def train(args):
         if not math.isfinite(test['test_loss']):  # the weights broke in the last step: keep the last good file
             raise FloatingPointError(f'the test loss became {test["test_loss"]} after epoch {epoch + 1}; {kept}: '
                                      'lower --lr, or set --clip-grad 1.0')
-        metrics = dict(epoch=epoch + 1, lr=lr, train_loss=(totals[0] / totals[2]).item(),
-                       train_top1=(100 * totals[1] / totals[2]).item(), **test,
-                       grad_norm_mean=sum(norms) / max(len(norms), 1), grad_norm_max=max(norms, default=0.0),
-                       images_per_s=totals[2].item() / elapsed, seconds=elapsed)
+        (loss_sum, correct, images), (norm_sum, norms) = totals.tolist(), sums[2:].tolist()
+        metrics = dict(epoch=epoch + 1, lr=lr, train_loss=loss_sum / images, train_top1=100 * correct / images, **test,
+                       grad_norm_mean=norm_sum / max(norms, 1), grad_norm_max=norm_max.item(),
+                       images_per_s=images / elapsed, seconds=elapsed)
         if rank == 0:  # log first: a resumed run drops log lines of epochs its checkpoint does not have
             with open(run_dir / 'log.jsonl', 'a') as f:
                 f.write(json.dumps(metrics) + '\n')

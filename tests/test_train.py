@@ -105,6 +105,28 @@ def test_an_image_that_breaks_mid_run_is_named_in_one_line_and_the_checkpoint_is
     assert len(saved) == 1 and (tmp_path / 'run' / 'last.pt').read_bytes() == saved[0]  # epoch 1's, untouched
 
 
+def test_the_host_reads_the_training_sums_a_fixed_number_of_times_however_many_steps(tmp_path, monkeypatch):
+    """A GPU runs ahead of the host until our code reads a tensor's value: every SYNC_EVERY steps and at the epoch's
+    end, not at every step. (AdamW reads its step counter, a CPU tensor, which makes a GPU wait for nothing.)"""
+    reads, ours = [], {'train.py', 'eval.py', 'model.py', 'reduce.py'}
+
+    def reading(real):
+        def read(t, *a):
+            if Path(sys._getframe(1).f_code.co_filename).name in ours:
+                reads.append(real.__name__)
+            return real(t, *a)
+        return read
+    for name in ('item', 'tolist', '__bool__', '__float__'):
+        monkeypatch.setattr(torch.Tensor, name, reading(getattr(torch.Tensor, name)))
+    counts = []
+    for per_class in (4, 8):  # 10 and 20 steps of 4 images, both fewer than SYNC_EVERY
+        monkeypatch.setattr(leaves.Leaves, 'per_class', {'train': per_class, 'test': 2})
+        reads.clear()
+        train.main(FAST + ['--epochs', '1', '--batch-size', '4', '--out', str(tmp_path / str(per_class))])
+        counts.append(len(reads))
+    assert train.SYNC_EVERY > 20 and counts[0] == counts[1] < 20
+
+
 def test_resuming_a_missing_corrupt_or_foreign_checkpoint_is_one_clear_error(tmp_path):
     with pytest.raises(SystemExit, match='checkpoint not found'):
         train.main([f'--resume={tmp_path / "nope.pt"}'])
