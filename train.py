@@ -14,6 +14,7 @@ import math
 import os
 import time
 from argparse import BooleanOptionalAction
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -180,13 +181,14 @@ def train(args):
     # 0. the machine. torchrun sets WORLD_SIZE: one code path for 1 or N processes
     distributed = 'WORLD_SIZE' in os.environ
     device = pick_device(args.device)
-    if distributed:
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    if distributed:  # the first barrier waits while each node resizes the images (SoyGene: 24k): NCCL's 10 minutes
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', timeout=timedelta(minutes=60))
         if device.type == 'cuda':
             device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
             torch.cuda.set_device(device)
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
+    first_on_node = int(os.environ.get('LOCAL_RANK', 0)) == 0
     ckpt = None
     how = 'given' if args.amp else 'auto'  # where the precision comes from, said when the run starts
     if args.resume:
@@ -201,9 +203,9 @@ def train(args):
     amp = autocast_args(args.amp, device)
     torch.manual_seed(args.seed)
 
-    # 1. data: ImageNet statistics by default, as the paper's code does for every backbone. Under torchrun rank 0
-    # resizes the images and downloads the weights first; the others then read its files
-    if rank:
+    # 1. data: ImageNet statistics by default, as the paper's code does for every backbone. Under torchrun each node's
+    # first process resizes the images and fetches the weights, then the rest read them (data.resize_once: atomic)
+    if distributed and not first_on_node:
         dist.barrier()
     stats = backbone_config(args.backbone) if args.norm == 'backbone' else None
     mean, std = (stats.mean, stats.std) if stats else (None, None)
@@ -228,7 +230,7 @@ def train(args):
         if source == 'auto':
             source = demo_backbone(args) if args.dataset == 'leaves' else pretrained_url(args.backbone)
         load_weights(model, source, verbose=rank == 0)
-    if distributed and rank == 0:
+    if distributed and first_on_node:
         dist.barrier()
     if distributed and device.type == 'cuda':  # the CLA head's BatchNorm sees the global batch, as on one GPU
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -242,9 +244,9 @@ def train(args):
         if ckpt['scaler']:  # empty where the run was saved without fp16: a scaler switched on by --amp starts anew
             scaler.load_state_dict(ckpt['scaler'])
         start = ckpt['epoch']
-    net = torch.compile(model) if args.compile else model
-    if distributed:
-        net = DDP(net, device_ids=[device.index] if device.type == 'cuda' else None)
+    net = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None) if distributed else model
+    if args.compile:  # after DDP, as PyTorch documents: the graph splits at DDP's buckets, whose all-reduce then
+        net = torch.compile(net)  # overlaps the backward
 
     # 3. the run's folder, written by rank 0 only
     run_dir = Path(args.resume).parent if args.resume else out_dir(args)

@@ -1,3 +1,4 @@
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -317,3 +318,28 @@ def test_where_the_data_is_found_or_refused(tmp_path, monkeypatch):
         return real_scandir(path)
     monkeypatch.setattr(data.os, 'scandir', scandir)
     assert len(build_dataset('soyageing', 'train', 32)[0]) == 2 * 198  # passed over, the subsets read
+
+
+def _resize_in_a_process(samples, queue):
+    queue.put(str(data.resize_once(samples, 32, 0)))
+
+
+def test_two_processes_resizing_the_same_images_at_once_leave_one_whole_file(tmp_path):
+    """What each node's first process does under torchrun when the nodes share a disk: each writes a file of its own
+    and renames it into place, so whichever rename comes last leaves a whole file and no reader sees half of one."""
+    for k in range(60):
+        photo(tmp_path / 'train' / f'c{k % 3}' / f'{k}.png', (120, 90), seed=k)
+    samples = build_dataset('folder', 'train', 32, tmp_path)[0].samples
+    context = multiprocessing.get_context('fork')
+    queue = context.Queue()
+    builders = [context.Process(target=_resize_in_a_process, args=(samples, queue)) for _ in range(2)]
+    for b in builders:
+        b.start()
+    for b in builders:
+        b.join(timeout=120)
+    assert [b.exitcode for b in builders] == [0, 0]
+    paths = {queue.get(timeout=5), queue.get(timeout=5)}
+    assert len(paths) == 1 and not list(Path(next(iter(paths))).parent.glob('*.tmp'))
+    cached = build_dataset('folder', 'train', 32, tmp_path, cache_workers=0)[0]
+    plain = build_dataset('folder', 'train', 32, tmp_path)[0]
+    assert str(cached.resized) in paths and all(torch.equal(cached[i][0], plain[i][0]) for i in range(len(plain)))
