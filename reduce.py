@@ -456,7 +456,7 @@ class DynamicViT(Reducer):
     def forward(self, t: Tokens, qkv) -> DecidedTokens:
         B, N, _ = t.x.shape
         if not isinstance(t, DecidedTokens):  # the first stage: every token is kept so far
-            t = DecidedTokens(**{f.name: getattr(t, f.name) for f in fields(Tokens)}, decision=t.x.new_ones(B, N, 1),
+            t = DecidedTokens(**{f.name: getattr(t, f.name) for f in fields(t)}, decision=t.x.new_ones(B, N, 1),
                               later=float(self.training), gated=self.training)
         logp = self.predict(t.x[:, 1:], t.decision[:, 1:])                                 # (B, N-1, 2)
         if self.training:

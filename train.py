@@ -296,9 +296,9 @@ def train(args):
             scaler.step(optimizer)
             scaler.update()
             finite = torch.isfinite(norm)  # an fp16 step the scaler skips has no norm worth logging
-            loss = loss.detach().float()
-            sums += torch.stack([loss * len(labels), (logits.argmax(-1) == labels).sum(), norm.where(finite, 0), finite])
-            norm_max = torch.maximum(norm_max, norm.where(finite, 0))
+            loss, norm = loss.detach().float(), norm.where(finite, 0)
+            sums += torch.stack([loss * len(labels), (logits.argmax(-1) == labels).sum(), norm, finite])
+            norm_max = torch.maximum(norm_max, norm)
             broken = torch.where(torch.isfinite(loss), broken, loss)
             seen += len(labels)
             if (step + 1) % SYNC_EVERY and step + 1 < len(train_loader):

@@ -1,8 +1,13 @@
+import argparse
+
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from conftest import toy, trace
+from eval import runtime_defaults
 from model import ModelConfig, create_model, gmacs
+from reduce import METHODS
 
 IMAGES = lambda n=2: torch.randn(n, 3, 32, 32)
 
@@ -152,3 +157,32 @@ def test_gmacs_reproduce_the_paper_table(size, keep, base, clca):
 
 def test_config_keeps_a_single_rate_as_a_tuple():
     assert ModelConfig(keep=0.5).keep == (0.5,) and ModelConfig(keep=[0.5, 0.4, 0.3]).keep == (0.5, 0.4, 0.3)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize('method,keep', [('none', 1.0), ('ats', 0.1)]  # ATS: breaks at any rate
+                         + [(m, k) for m in METHODS[1:] if m != 'ats' for k in (0.1, 0.5)])
+def test_every_method_compiles_without_graph_breaks_or_recompiles(method, keep):
+    """torch.compile with the cheap aot_eager backend (dynamo's and autograd's tracing, no code generation) on a
+    5-block toy, at keep 0.1, where the later stages of PatchMerger, SiT and DynamicViT keep no token, and at 0.5. A
+    training step and an evaluation, twice: no graph break, and nothing compiled again in the second round. ATS,
+    whose token counts vary per image, breaks the graph: it is the one method the defaults leave uncompiled."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = toy(method=method, keep=keep, clc=True, cla=True, depth=5, loc=(1, 2, 3))
+    net = torch.compile(model, backend='aot_eager')
+    images, labels = IMAGES(4), torch.randint(5, (4,))
+
+    def step_and_evaluate():
+        net.train()(images, labels)[1].backward()
+        with torch.no_grad():
+            net.eval()(images)
+    net.train()(images, labels)
+    breaks = sum(counters['graph_break'].values())
+    defaults = argparse.Namespace(method=method, amp='off', compile=None, workers=0)
+    runtime_defaults(defaults, torch.device('cuda'))
+    assert defaults.compile == (breaks == 0), f'{method}: {breaks} graph breaks, compiled by default: {defaults.compile}'
+    if breaks == 0:
+        step_and_evaluate()
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            step_and_evaluate()

@@ -204,12 +204,6 @@ def test_ddp_with_two_cpu_processes_matches_a_single_process_evaluation(tmp_path
     assert f"top-1 {logged['top1']:.2f}%" in single  # both processes' shares of the test set, summed
 
 
-@pytest.mark.skipif(os.environ.get('CLCA_TEST_COMPILE') != '1', reason='opt-in: CLCA_TEST_COMPILE=1 (compiles slowly on CPU)')
-def test_compiled_training_smoke(tmp_path):
-    metrics = train.main(FAST + ['--epochs', '2', '--compile', '--out', str(tmp_path)])
-    assert math.isfinite(metrics['train_loss'])
-
-
 def machine_flags(**given):
     return argparse.Namespace(**{'amp': None, 'compile': None, 'workers': None, 'method': 'evit', **given})
 
