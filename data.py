@@ -61,27 +61,37 @@ def resize(img_size: int) -> T.Resize:
     return T.Resize((big, big), interpolation=T.InterpolationMode.BICUBIC)
 
 
-def transforms(img_size: int, augment, mean, std, resized: bool = False):
-    """The paper's pipeline: `resize`, then a centre crop (`augment` None: evaluation) or a random crop and flip
-    ('weak', its published command line), then TrivialAugmentWide for 'trivial' (a config of its for Cotton and
-    SoyLocal). `resized`: the input is already resized, uint8 (3, S/0.875, S/0.875); the same draws, same pixels."""
+def transforms(img_size: int, augment, resized: bool = False):
+    """The paper's pipeline up to the model's input, as uint8 (3, S, S): `resize`, then a centre crop (`augment`
+    None: evaluation) or a random crop and flip ('weak', its published command line), then TrivialAugmentWide for
+    'trivial' (a config of its for Cotton and SoyLocal). `resized`: the input is already resized, uint8 (3, S/0.875,
+    S/0.875); the same draws, the same pixels. Normalising is left to `Standardise`, on the model's device."""
     if augment not in (None, *AUGMENTATIONS):
         raise ValueError(f'unknown augmentation {augment!r}: choose one of {", ".join(AUGMENTATIONS)}')
     crop = [T.RandomCrop(img_size), T.RandomHorizontalFlip()] if augment else [T.CenterCrop(img_size)]
     crop += [T.TrivialAugmentWide()] if augment == 'trivial' else []
-    if resized:  # the same arithmetic as ToTensor and Normalize, in place: one new tensor per image, not three
-        return T.Compose([*crop, T.Lambda(to_unit), T.Normalize(mean, std, inplace=True)])
-    return T.Compose([resize(img_size), *crop, T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose(crop if resized else [resize(img_size), *crop, T.PILToTensor()])
 
 
-def to_unit(image: torch.Tensor) -> torch.Tensor:
-    """uint8 (3, H, W) -> float32 in [0, 1], divided by 255 as ToTensor divides."""
-    return image.to(torch.float32).div_(255)
+class Standardise(torch.nn.Module):
+    """uint8 images (B, 3, H, W), as every dataset here gives them, -> the model's float32 input on this module's
+    device: / 255, less the mean, over the std, per channel. ToTensor's and Normalize's arithmetic in their order:
+    the same bits as normalising each image in a loader worker, but the workers, their shared memory and the copy to
+    a GPU carry 1 byte a pixel instead of 4."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer('mean', torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.mean.device, non_blocking=True)
+        return images.to(torch.float32).div_(255).sub_(self.mean).div_(self.std)
 
 
 class ImageList(Dataset):
     """(image path, 0-based label) pairs, read with PIL and converted to RGB; or, with `resized` (a file
-    from `resize_once`), the same images already resized, memory-mapped from that file."""
+    from `resize_once`), the same images already resized, memory-mapped from that file. Gives uint8 images."""
 
     def __init__(self, samples, num_classes, transform, resized=None, where=''):
         self.samples = samples
@@ -293,22 +303,22 @@ def described(read: dict) -> str:
 
 def build_dataset(name: str, split: str, img_size: int, data_dir=None, mean=None, std=None, augment=None,
                   cache_workers=None):
-    """Returns (dataset, num_classes). `mean`/`std` default to ImageNet's (the reference's choice); `augment` is
-    None or one of AUGMENTATIONS (`transforms`). With `cache_workers` (loader processes) the images are resized
-    once (`resize_once`), except for TrivialAugment, which works on PIL images."""
-    mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
+    """Returns (dataset, num_classes): a dataset of uint8 images and labels, whose `mean` and `std` say how to
+    `Standardise` them, ImageNet's unless given (the reference's choice). `augment` is None or one of AUGMENTATIONS
+    (`transforms`). With `cache_workers` (loader processes) the images are resized once (`resize_once`), except for
+    TrivialAugment, which works on PIL images."""
     if name in ('leaves', 'leaf-species'):  # drawn at the resized side already
-        tf = transforms(img_size, augment, mean, std, resized=True)
+        tf = transforms(img_size, augment, resized=True)
         ds = Leaves(split, resize(img_size).size[0], tf, task='species' if name == 'leaf-species' else 'cultivar')
-        return ds, ds.num_classes
-    if name not in DATASETS:
+    elif name in DATASETS:
+        samples, num_classes, read, root = find_samples(name, split, data_dir)
+        cached = cache_workers is not None and augment != 'trivial'
+        resized = resize_once(samples, img_size, cache_workers) if cached else None
+        ds = ImageList(samples, num_classes, transforms(img_size, augment, cached), resized, described(read))
+    else:
         raise DatasetError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
-    samples, num_classes, read, root = find_samples(name, split, data_dir)
-    where = described(read)
-    if cache_workers is None or augment == 'trivial':
-        return ImageList(samples, num_classes, transforms(img_size, augment, mean, std), where=where), num_classes
-    tf, resized = transforms(img_size, augment, mean, std, resized=True), resize_once(samples, img_size, cache_workers)
-    return ImageList(samples, num_classes, tf, resized, where), num_classes
+    ds.mean, ds.std = mean or IMAGENET_MEAN, std or IMAGENET_STD
+    return ds, ds.num_classes
 
 
 def check(name: str, data_dir=None, img_size: int = PAPER_SIZE, sample: int = 20):

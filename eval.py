@@ -10,9 +10,11 @@ train.py and explain.py share: the model flags, the machine's defaults, `evaluat
 import argparse
 import itertools
 import json
+import math
 import os
 import re
 import resource
+import shutil
 import statistics
 import sys
 from dataclasses import asdict, replace
@@ -22,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from data import DATASETS, DatasetError, build_dataset
+from data import DATASETS, DatasetError, Standardise, build_dataset
 from model import (CLCA, PAPER_BACKBONE, PAPER_SIZE, ViT, backbone_config, gmacs, inference_step, timed,
                    tokens_per_stage, training_step)
 from reduce import METHODS
@@ -72,8 +74,9 @@ def runtime_defaults(args, device: torch.device, train_width: int = 0):
     """Fill, where not given, the flags whose best value depends on the machine (docs/RESULTS.md: why). Precision:
     bf16 where the hardware has it, but fp32 to train a model narrower than 384 on a CPU (`train_width`), where
     autocast costs more than it saves; fp16 with loss scaling on older GPUs; else fp32. Compile: on CUDA, but not
-    ATS, whose token counts vary. Workers: on CUDA the node's cores split over its processes; else 0. The resize
-    cache of training (`--cache`, data.resize_once): on CUDA, where loading must keep up with the model."""
+    ATS, whose token counts vary. Workers: on CUDA the `usable_cores` split over the node's processes, at most
+    MAX_WORKERS each; else 0. The resize cache of training (`--cache`, data.resize_once): on CUDA, where loading
+    must keep up with the model."""
     cuda = device.type == 'cuda'
     if args.amp is None and native_bf16(device) and not (device.type == 'cpu' and 0 < train_width < 384):
         args.amp = 'bf16'
@@ -82,9 +85,35 @@ def runtime_defaults(args, device: torch.device, train_width: int = 0):
     if args.compile is None:
         args.compile = cuda and args.method != 'ats'
     if args.workers is None:
-        args.workers = max(1, (os.cpu_count() or 1) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))) if cuda else 0
+        per_process = usable_cores() // int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+        args.workers = min(MAX_WORKERS, max(1, per_process)) if cuda else 0
     if getattr(args, 'cache', False) is None:  # train.py's flag only
         args.cache = cuda
+
+
+MAX_WORKERS = 16  # loader processes per GPU: enough for images resized once; each costs memory and start-up
+
+
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity and a container's CPU quota (cgroup v2 cpu.max), not the
+    host's count, which os.cpu_count() gives."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    try:
+        quota, period = Path('/sys/fs/cgroup/cpu.max').read_text().split()
+        return max(1, min(cores, math.ceil(int(quota) / int(period)))) if quota != 'max' else cores
+    except (OSError, ValueError):
+        return cores
+
+
+def shm_warning(workers: int, batch: int, img_size: int) -> str | None:
+    """One line when /dev/shm cannot hold the batches the loader's workers prefetch (2 each, uint8), else None:
+    Docker gives a container 64 MB, and a worker that runs out of it dies of a bus error."""
+    need = workers * 2 * batch * 3 * img_size ** 2
+    if not workers or not os.path.isdir('/dev/shm') or shutil.disk_usage('/dev/shm').free >= need:
+        return None
+    free = shutil.disk_usage('/dev/shm').free
+    return (f'warning: /dev/shm has {free / 2**20:.0f} MiB free; {workers} loader workers prefetch about '
+            f'{need / 2**20:.0f} MiB: give the container --shm-size {math.ceil(2 * need / 2**30)}g, or lower --workers')
 
 
 def autocast_args(amp: str, device: torch.device) -> dict:
@@ -103,13 +132,15 @@ def exit_with(error: Exception):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp: dict) -> dict:
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy under torch.autocast(**amp), summed over all processes
-    under torchrun. The sums stay on the device until the end: no batch waits for the host."""
+def evaluate(model, loader, standardise: Standardise, amp: dict) -> dict:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy under torch.autocast(**amp), of the uint8 batches of
+    `loader`, standardised on the device, summed over all processes under torchrun. The sums stay on the device
+    until the end: no batch waits for the host."""
     model.eval()
+    device = standardise.mean.device
     totals, count = torch.zeros(3, device=device), 0  # correct@1, correct@5, loss sum; float32 counts exact to 2^24
     for images, labels in loader:
-        images = images.to(device, non_blocking=True)
+        images = standardise(images)
         labels = labels.to(device, non_blocking=True)
         with torch.autocast(**amp):
             logits = model(images)[0].float()
@@ -204,8 +235,9 @@ def for_inference(model, amp: str, device):
 
 def accuracy(model, dataset, args, device) -> dict:
     """Accuracy as train.py measures it after each epoch: fp32 weights under autocast at --amp, so the two agree."""
-    loader = DataLoader(dataset, args.batch_size, num_workers=args.workers)
-    return evaluate(model.to(device), loader, device, autocast_args(args.amp, device))
+    loader = DataLoader(dataset, args.batch_size, num_workers=args.workers, pin_memory=device.type == 'cuda')
+    standardise = Standardise(dataset.mean, dataset.std).to(device)
+    return evaluate(model.to(device), loader, standardise, autocast_args(args.amp, device))
 
 
 def cost(model, args, device) -> dict:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
 
-from data import DATASETS, DatasetError
+from data import DATASETS, DatasetError, Standardise
 from eval import DEVICES, add_model_flags, build, eval_split, exit_with, pick_device
 from leaves import SPOT_RADIUS
 from model import tokens_per_stage
@@ -106,11 +106,11 @@ def evidence_recall(model, dataset, device, batch: int = 100) -> list:
       number of patches made blind to the evidence would keep alone on average."""
     if not hasattr(dataset, 'render'):
         raise ValueError("--recall needs the generator's evidence masks: use --dataset leaves")
-    dtype, p = next(model.parameters()).dtype, model.cfg.patch_size
+    standardise, p = Standardise(dataset.mean, dataset.std).to(device), model.cfg.patch_size
     sums, total = torch.zeros(len(model.cfg.loc), 3), 0
     for start in range(0, len(dataset), batch):
         ids = range(start, min(start + batch, len(dataset)))
-        images = torch.stack([dataset[i][0] for i in ids]).to(device, dtype)
+        images = standardise(torch.stack([dataset[i][0] for i in ids]))
         marks = torch.stack([evidence(dataset, i, model.cfg.img_size, p) for i in ids])    # (B, P)
         for s, src in enumerate(held_patches(model, images)):                            # src (B, N, P)
             mixing = (src & ~marks[:, None]).any(-1)                                     # (B, N) holds non-evidence
@@ -129,10 +129,10 @@ def factor_accuracy(model, dataset, device, batch: int = 100) -> dict:
     colour; one that loses the outline loses length."""
     if not hasattr(dataset, 'factors'):
         raise ValueError('--factors needs classes made of factors: use --dataset leaves')
-    dtype, hits = next(model.parameters()).dtype, Counter()
+    standardise, hits = Standardise(dataset.mean, dataset.std).to(device), Counter()
     model.eval()
     for images, labels in DataLoader(dataset, batch):
-        predicted = model(images.to(device, dtype))[0].argmax(-1).cpu()  # (B,)
+        predicted = model(standardise(images))[0].argmax(-1).cpu()  # (B,)
         truth, guess = dataset.factors(labels), dataset.factors(predicted)
         hits.update({name: int((guess[name] == truth[name]).sum()) for name in truth})
         hits['top-1'] += int((predicted == labels).sum())
@@ -146,15 +146,13 @@ def visualize(model, dataset, path, device, num_images=6, scale=4):
     """A PNG grid under column headings: per row one test image, then the image after each reduction location
     with the patches that no longer have a token of their own dimmed. Small images are scaled up `scale` times
     (nearest neighbour, so patches stay sharp); on leaves the evidence patches are outlined in cyan."""
-    images = torch.stack([dataset[i][0] for i in range(min(num_images, len(dataset)))])
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (dataset.transform.transforms[-1].mean,
-                                                            dataset.transform.transforms[-1].std))
-    plain = (images * std + mean).clamp(0, 1)
+    images = torch.stack([dataset[i][0] for i in range(min(num_images, len(dataset)))])  # uint8
+    plain = images / 255
     S, p = model.cfg.img_size, model.cfg.patch_size
     scale = 1 if S >= 128 else scale  # large images need no enlarging
     up = lambda m: m.view(-1, 1, S // p, S // p).repeat_interleave(p * scale, 2).repeat_interleave(p * scale, 3)
     plain = plain.repeat_interleave(scale, 2).repeat_interleave(scale, 3)  # (B, 3, S*scale, S*scale)
-    kept = alive_patches(model, images.to(device, next(model.parameters()).dtype))
+    kept = alive_patches(model, Standardise(dataset.mean, dataset.std).to(device)(images))
     rows = [plain] + [plain * (0.25 + 0.75 * up(alive.float())) for alive in kept]
     if hasattr(dataset, 'render'):  # the leaves' generator knows where their evidence is
         inside = up(torch.stack([evidence(dataset, i, S, p) for i in range(len(images))]).float())  # (B, 1, H, W)
@@ -230,7 +228,7 @@ def main(argv=None):
                 print(f'after block {s}: evidence recall {alone:.3f} (chance {chance:.3f}), '
                       f'merged with other patches {mixed:.3f}')
         elif args.trace is not None:
-            rows = trace(model, dataset[args.trace][0][None].to(device))
+            rows = trace(model, Standardise(dataset.mean, dataset.std).to(device)(dataset[args.trace][0][None]))
             kinds = list(dict.fromkeys(k for row in rows for k in row[1]))
             print('block  in  ' + ' '.join(f'{k:>6}' for k in kinds) + '  patches with a token')
             for i, counts, alive, notes in rows:

@@ -23,9 +23,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from data import AUGMENTATIONS, DATASETS, DatasetError, build_dataset
+from data import AUGMENTATIONS, DATASETS, DatasetError, Standardise, build_dataset
 from eval import (DEVICES, add_model_flags, autocast_args, evaluate, exit_with, model_fields, one_line, pick_device,
-                  runtime_defaults)
+                  runtime_defaults, shm_warning)
 from model import CLCA, PAPER_BACKBONE, PAPER_SIZE, backbone_config, create_model
 from weights import CheckpointError, load_weights, open_checkpoint, pretrained_url, save_checkpoint
 
@@ -222,6 +222,8 @@ def train(args):
     test_loader = DataLoader(Subset(test_set, range(rank, len(test_set), world)), args.batch_size // world, **kw)
     if len(train_loader) == 0:
         raise DatasetError(f'{len(train_set)} training images make no full batch of {args.batch_size}')
+    if rank == 0 and (warning := shm_warning(args.workers, args.batch_size // world, args.img_size)):
+        print(warning)
 
     # 2. model, optimizer, mixed precision
     model = create_model(args.backbone, num_classes, **model_fields(args))
@@ -235,6 +237,7 @@ def train(args):
     if distributed and device.type == 'cuda':  # the CLA head's BatchNorm sees the global batch, as on one GPU
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
+    standardise = Standardise(train_set.mean, train_set.std).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     start = 0
@@ -257,13 +260,10 @@ def train(args):
             lines = [line for line in log.read_text().splitlines() if json.loads(line)['epoch'] <= start]
             log.write_text(''.join(line + '\n' for line in lines))
         (run_dir / 'config.json').write_text(json.dumps({**vars(args), 'model': vars(model.cfg)}, indent=2) + '\n')
-        backend = ''
-        if distributed:
-            backend = f' ({dist.get_backend()}, SyncBatchNorm)' if device.type == 'cuda' else f' ({dist.get_backend()})'
+        backend = f' ({dist.get_backend()}{", SyncBatchNorm" * (device.type == "cuda")})' if distributed else ''
         print(f'{args.dataset}: {len(train_set)} train / {len(test_set)} test images, {num_classes} classes, '
-              f'{train_set.where}; '
-              f'{args.backbone} {args.method} keep {args.keep} clc={args.clc} cla={args.cla} on {device} x{world}'
-              f'{backend}, precision {args.amp} ({how}), compile {args.compile}; writing to {run_dir}')
+              f'{train_set.where}; {args.backbone} {args.method} keep {args.keep} clc={args.clc} cla={args.cla} on '
+              f'{device} x{world}{backend}, precision {args.amp} ({how}), compile {args.compile}; writing to {run_dir}')
 
     # 4. the loop: train an epoch, evaluate, log, checkpoint
     metrics = {}
@@ -285,7 +285,7 @@ def train(args):
             lr = lr_at(epoch + (step / len(train_loader) if args.schedule == 'step' else 0), args)
             for group in optimizer.param_groups:
                 group['lr'] = lr
-            images = images.to(device, non_blocking=True)
+            images = standardise(images)  # uint8 from the loader, float on the device
             labels = labels.to(device, non_blocking=True)
             with torch.autocast(**amp):
                 logits, loss = net(images, labels)  # cross-entropy plus any loss the reduction adds
@@ -315,7 +315,7 @@ def train(args):
         if distributed:
             dist.all_reduce(totals)
         elapsed = time.perf_counter() - t0
-        test = evaluate(net, batches(test_loader, kept), device, amp)
+        test = evaluate(net, batches(test_loader, kept), standardise, amp)
         if not math.isfinite(test['test_loss']):  # the weights broke in the last step: keep the last good file
             raise FloatingPointError(f'the test loss became {test["test_loss"]} after epoch {epoch + 1}; {kept}: '
                                      'lower --lr, or set --clip-grad 1.0')

@@ -1,4 +1,3 @@
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -6,13 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision.transforms as T
 from PIL import Image
-
 from torch.utils.data import DataLoader
 
 import data
 from conftest import release
-from data import DatasetError, build_dataset, transforms
+from data import DatasetError, Standardise, build_dataset, transforms
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,18 +94,22 @@ def test_missing_dataset_on_the_command_line_is_one_line_without_traceback(tmp_p
     assert run.stderr.strip().count('\n') == 0 and 'UFG benchmark' in run.stderr and 'does not exist' in run.stderr
 
 
-def test_transforms_follow_the_paper():
-    train, test = transforms(448, 'weak', (0, 0, 0), (1, 1, 1)), transforms(448, None, (0, 0, 0), (1, 1, 1))
+def test_transforms_follow_the_paper_and_standardising_on_the_device_is_the_same_arithmetic():
+    train, test = transforms(448, 'weak'), transforms(448, None)
     assert train.transforms[0].size == (512, 512) and test.transforms[1].size == (448, 448)
     img = Image.new('RGB', (700, 300))
-    assert train(img).shape == test(img).shape == (3, 448, 448)
+    assert train(img).shape == test(img).shape == (3, 448, 448) and train(img).dtype == torch.uint8
     names = lambda tf: [type(t).__name__ for t in tf.transforms]
-    assert names(train) == ['Resize', 'RandomCrop', 'RandomHorizontalFlip', 'ToTensor', 'Normalize']
-    trivial = transforms(448, 'trivial', (0, 0, 0), (1, 1, 1))  # the paper's configs for Cotton and SoyLocal
+    assert names(train) == ['Resize', 'RandomCrop', 'RandomHorizontalFlip', 'PILToTensor']
+    trivial = transforms(448, 'trivial')  # the paper's configs for Cotton and SoyLocal
     assert names(trivial) == names(train)[:3] + ['TrivialAugmentWide'] + names(train)[3:]
     assert trivial(img).shape == (3, 448, 448)
     with pytest.raises(ValueError, match='unknown augmentation'):
-        transforms(448, 'strong', (0, 0, 0), (1, 1, 1))
+        transforms(448, 'strong')
+    pixels = torch.randint(0, 256, (2, 3, 20, 30), dtype=torch.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    per_image = torch.stack([T.Normalize(mean, std)(T.ToTensor()(T.ToPILImage()(p))) for p in pixels])
+    assert torch.equal(Standardise(mean, std)(pixels), per_image)  # bit for bit what the workers used to send
 
 
 def photo(path: Path, size, mode='RGB', seed=0):
@@ -320,25 +323,17 @@ def test_where_the_data_is_found_or_refused(tmp_path, monkeypatch):
     assert len(build_dataset('soyageing', 'train', 32)[0]) == 2 * 198  # passed over, the subsets read
 
 
-def _resize_in_a_process(samples, queue):
-    queue.put(str(data.resize_once(samples, 32, 0)))
-
-
 def test_two_processes_resizing_the_same_images_at_once_leave_one_whole_file(tmp_path):
     """What each node's first process does under torchrun when the nodes share a disk: each writes a file of its own
     and renames it into place, so whichever rename comes last leaves a whole file and no reader sees half of one."""
     for k in range(60):
         photo(tmp_path / 'train' / f'c{k % 3}' / f'{k}.png', (120, 90), seed=k)
-    samples = build_dataset('folder', 'train', 32, tmp_path)[0].samples
-    context = multiprocessing.get_context('fork')
-    queue = context.Queue()
-    builders = [context.Process(target=_resize_in_a_process, args=(samples, queue)) for _ in range(2)]
-    for b in builders:
-        b.start()
-    for b in builders:
-        b.join(timeout=120)
-    assert [b.exitcode for b in builders] == [0, 0]
-    paths = {queue.get(timeout=5), queue.get(timeout=5)}
+    build = ('import sys, data; samples = data.build_dataset("folder", "train", 32, sys.argv[1])[0].samples; '
+             'print(data.resize_once(samples, 32, 0))')
+    builders = [subprocess.Popen([sys.executable, '-c', build, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                                 stderr=subprocess.DEVNULL, text=True) for _ in range(2)]
+    paths = {b.communicate(timeout=300)[0].strip() for b in builders}
+    assert [b.returncode for b in builders] == [0, 0]
     assert len(paths) == 1 and not list(Path(next(iter(paths))).parent.glob('*.tmp'))
     cached = build_dataset('folder', 'train', 32, tmp_path, cache_workers=0)[0]
     plain = build_dataset('folder', 'train', 32, tmp_path)[0]

@@ -10,7 +10,7 @@ import eval as evaluation
 import plot
 import train
 from conftest import official_checkpoint
-from data import build_dataset
+from data import Standardise, build_dataset
 from model import create_model, gmacs
 from weights import load_weights
 
@@ -26,8 +26,9 @@ def test_an_official_checkpoint_is_evaluated_with_its_own_settings(tmp_path, cap
     model = create_model('vit_tiny_patch8_224', 10, img_size=32, method='evit', keep=0.25, clc=True, cla=True)
     load_weights(model, sd, verbose=False)
     dataset, _ = build_dataset('leaves', 'test', 32)
+    standardise = Standardise(dataset.mean, dataset.std)
     with torch.no_grad():
-        hits = sum((model.eval()(x)[0].argmax(1) == y).sum().item() for x, y in DataLoader(dataset, 100))
+        hits = sum((model.eval()(standardise(x))[0].argmax(1) == y).sum().item() for x, y in DataLoader(dataset, 100))
     assert reported == pytest.approx(100 * hits / len(dataset), abs=0.005)
 
 
@@ -102,8 +103,8 @@ def test_evaluate_counts_top1_and_top5():
     class Fixed(torch.nn.Module):
         def forward(self, x):
             return torch.tensor([[9., 8, 7, 6, 5, 4], [0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]]), None
-    loader = [(torch.zeros(3), torch.tensor([0, 0, 4]))]
-    res = evaluation.evaluate(Fixed(), loader, torch.device('cpu'), dict(device_type='cpu', enabled=False))
+    loader = [(torch.zeros(3, 3, 1, 1, dtype=torch.uint8), torch.tensor([0, 0, 4]))]
+    res = evaluation.evaluate(Fixed(), loader, Standardise((0,) * 3, (1,) * 3), dict(device_type='cpu', enabled=False))
     assert res['top1'] == pytest.approx(100 / 3) and res['top5'] == pytest.approx(200 / 3)
 
 

@@ -2,6 +2,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -371,3 +372,20 @@ def test_the_demo_fine_tunes_a_backbone_it_pretrains_once(tmp_path, monkeypatch,
     scratch = train.main(flags + ['--out', 'c', '--pretrained', 'none'])
     assert scratch['top1'] != first['top1'] or not torch.equal(
         tuned, torch.load(tmp_path / 'c' / 'last.pt', weights_only=True)['model']['patch_embed.proj.weight'])
+
+
+def test_loader_workers_follow_the_usable_cores_and_a_small_dev_shm_is_said(monkeypatch):
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(6)), raising=False)  # a job's 6 of 64 cores
+    monkeypatch.setattr(os, 'cpu_count', lambda: 64)
+    monkeypatch.setattr(evaluation.Path, 'read_text', lambda self: 'max 100000')  # no CPU quota (cgroup v2 cpu.max)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
+    args = machine_flags(amp='bf16')
+    train.runtime_defaults(args, torch.device('cuda', 0))
+    assert args.workers == 3  # 6 usable cores over 2 processes
+    monkeypatch.setattr(evaluation.Path, 'read_text', lambda self: '200000 100000')  # a quota of 2 cores
+    assert evaluation.usable_cores() == 2
+    monkeypatch.setattr(evaluation.os.path, 'isdir', lambda path: True)
+    monkeypatch.setattr(evaluation.shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(64, 0, 64 * 2**20))
+    warning = train.shm_warning(16, 32, 448)  # Docker's 64 MB against 16 workers x 2 batches of 32 x 3 x 448 x 448
+    assert warning.count('\n') == 0 and '/dev/shm has 64 MiB free' in warning and 'about 588 MiB' in warning
+    assert train.shm_warning(1, 8, 32) is None and train.shm_warning(0, 32, 448) is None
