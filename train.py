@@ -68,7 +68,7 @@ def parse_args(argv=None):
     a('--clip-grad', type=float, help='max gradient norm (default 0: off)')
     a('--amp', choices=('bf16', 'fp16', 'off'), help='mixed precision (default: what the hardware runs fast)')
     a('--compile', action=BooleanOptionalAction, help='torch.compile (default on for CUDA, except ATS)')
-    a('--workers', type=int, help='loading processes per process (default: the cores per process on CUDA, else 0)')
+    a('--workers', type=int, help='loading processes per process (default: CUDA, usable cores per process; else 0)')
     a('--cache', action=BooleanOptionalAction, help='resize every image once and keep it on disk beside the '
       'images, so an epoch only crops, flips and normalises: the same pixels, faster (default on for CUDA)')
     a('--device', choices=DEVICES, help='auto (default): CUDA, else Apple MPS, else the CPU')

@@ -111,10 +111,22 @@ def test_torchrun_on_one_gpu_trains_with_nccl_and_syncbatchnorm_and_resumes(tmp_
 
 
 @pytest.mark.long
-def test_the_gpu_check_dry_runs_on_a_cpu(tmp_path):
-    run = subprocess.run([sys.executable, 'tests/gpu_check.py', '--dry-run', '--out', str(tmp_path)], cwd=ROOT,
+def test_the_gpu_check_dry_runs_every_phase_on_a_cpu_and_keeps_its_rows_when_a_phase_fails(tmp_path):
+    check = [sys.executable, 'tests/gpu_check.py', '--dry-run']
+    run = subprocess.run(check + ['--out', str(tmp_path / 'all'), '--methods', 'evit', '--workers', '1'], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    table = [line for line in run.stdout.splitlines() if line.startswith('|')]
-    assert table[0].startswith('| method') and len(table) == 2 + len(METHODS)  # header, rule, one row per method
-    assert 'cores' in run.stdout
+    rows = (tmp_path / 'all' / 'results.md').read_text().splitlines()
+    assert rows == [line for line in run.stdout.splitlines() if line.startswith('|')]  # every row printed is kept
+    phases = [row.split('|')[1].strip() for row in rows[2:]]
+    assert phases == sorted(phases, key=['machine', 'tests', 'speed', 'loader', 'train', 'check'].index)
+    text = '\n'.join(rows)
+    assert 'usable cores' in text and 'tests/test_gpu.py' in text and 'resized once, 1 workers' in text
+    assert 'evit: bf16 + compile | ' in text and 'graphs compiled so far: 1' in text  # a real compile, on the CPU
+    assert 'evit: fp16 eager (paper)' in text and 'train.py, epoch 2' in text and 'failed' not in text
+    broken = subprocess.run(check + ['--out', str(tmp_path / 'broken'), '--phase', 'speed', 'loader', '--methods',
+                                     'bogus'], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert broken.returncode == 1
+    assert 'phase speed failed' in broken.stderr and "unknown reduction method 'bogus'" in broken.stderr
+    kept = (tmp_path / 'broken' / 'results.md').read_text()
+    assert 'decoding, 0 workers' in kept and '| check | seconds in all |' in kept and 'failed: speed' in kept
