@@ -102,8 +102,8 @@ def test_torchrun_on_one_gpu_trains_with_nccl_and_syncbatchnorm_and_resumes(tmp_
     first = subprocess.run(torchrun + [str(tmp_path / 'crash.py')] + flags, cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=600)
     assert first.returncode != 0 and 'SyncBatchNorm' in first.stdout + first.stderr, first.stderr[-2000:]
-    second = subprocess.run(torchrun + ['train.py', '--resume', str(out / 'last.pt')], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
+    second = subprocess.run(torchrun + ['train.py', '--resume', str(out / 'last.pt'), '--no-compile'], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=600)  # compiled under DDP once is enough
     assert second.returncode == 0, second.stderr[-2000:]
     log = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
     assert [m['epoch'] for m in log] == [1, 2] and all(math.isfinite(m['train_loss']) for m in log)

@@ -277,7 +277,7 @@ def test_bf16_training_on_a_cpu_is_finite_resumes_exactly_and_keeps_its_precisio
 
 @pytest.mark.long
 def test_a_run_saved_without_fp16_resumes_with_amp_fp16(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(leaves.Leaves, 'per_class', {'train': 10, 'test': 5})
+    monkeypatch.setattr(leaves.Leaves, 'per_class', {'train': 2, 'test': 1})
     real_save = train.save_checkpoint
 
     def crash_after_saving(model, path, **state):
