@@ -64,10 +64,12 @@ def pick_device(name: str) -> torch.device:
 
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` multiplies bf16 matrices in hardware: Ampere and newer GPUs; CPUs with AMX tiles or
-    AVX512-BF16 (Sapphire Rapids and later Xeons, Zen 4). Elsewhere bf16 is emulated: slower than fp32."""
+    AVX512-BF16 (Sapphire Rapids and later Xeons, Zen 4) whose AVX-512 kernels torch uses (not held to AVX2 by
+    ATEN_CPU_CAPABILITY). Elsewhere bf16 is emulated: slower than fp32."""
     if device.type == 'cuda':
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    return device.type == 'cpu' and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    units = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return device.type == 'cpu' and units and torch.backends.cpu.get_cpu_capability().startswith('AVX512')
 
 
 def runtime_defaults(args, device: torch.device, train_width: int = 0):
@@ -106,9 +108,9 @@ def usable_cores() -> int:
 
 
 def shm_warning(workers: int, batch: int, img_size: int) -> str | None:
-    """One line when /dev/shm cannot hold the batches the loader's workers prefetch (2 each, uint8), else None:
-    Docker gives a container 64 MB, and a worker that runs out of it dies of a bus error."""
-    need = workers * 2 * batch * 3 * img_size ** 2
+    """One line when /dev/shm cannot hold the batches the loader workers of this node's processes prefetch (2 each,
+    uint8), else None: Docker gives a container 64 MB, and a worker that runs out of it dies of a bus error."""
+    need = int(os.environ.get('LOCAL_WORLD_SIZE', 1)) * workers * 2 * batch * 3 * img_size ** 2
     if not workers or not os.path.isdir('/dev/shm') or shutil.disk_usage('/dev/shm').free >= need:
         return None
     free = shutil.disk_usage('/dev/shm').free

@@ -23,6 +23,20 @@ FAST = ['--pretrained', 'none', '--img-size', '32', '--batch-size', '50', '--wor
 
 pytestmark = pytest.mark.usefixtures('small_leaves')
 
+def stop_after_epoch_1(monkeypatch, argv):
+    """train.main(argv) until epoch 1 is saved; then the machine goes down (a KeyboardInterrupt)."""
+    real_save = train.save_checkpoint
+
+    def crash_after_saving(model, path, **state):
+        real_save(model, path, **state)
+        if state['epoch'] == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train, 'save_checkpoint', crash_after_saving)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv)
+    monkeypatch.setattr(train, 'save_checkpoint', real_save)
+
+
 def read_log(out):
     return [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
 
@@ -53,16 +67,7 @@ def test_dynamicvit_trains_with_its_ratio_loss_and_gradient_clipping(tmp_path):
 def test_resume_continues_the_same_trajectory(tmp_path, monkeypatch):
     args = FAST + ['--epochs', '3', '--seed', '3']
     train.main(args + ['--out', str(tmp_path / 'straight')])
-    real_save = train.save_checkpoint
-
-    def crash_after_saving(model, path, **state):
-        real_save(model, path, **state)
-        if state['epoch'] == 1:
-            raise KeyboardInterrupt  # the machine goes down right after epoch 1 was saved
-    monkeypatch.setattr(train, 'save_checkpoint', crash_after_saving)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(args + ['--out', str(tmp_path / 'resumed')])
-    monkeypatch.setattr(train, 'save_checkpoint', real_save)
+    stop_after_epoch_1(monkeypatch, args + ['--out', str(tmp_path / 'resumed')])
     train.main(['--resume', str(tmp_path / 'resumed' / 'last.pt')])
     a = torch.load(tmp_path / 'straight' / 'last.pt', weights_only=True)
     b = torch.load(tmp_path / 'resumed' / 'last.pt', weights_only=True)
@@ -214,6 +219,7 @@ def machine_flags(**given):
 def test_precision_on_a_cpu_follows_its_bf16_units(monkeypatch, amx, avx512_bf16, expected):
     monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: amx)
     monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: avx512_bf16)
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX512')
     args = machine_flags()
     train.runtime_defaults(args, torch.device('cpu'))  # inference
     assert (args.amp, args.compile, args.workers) == (expected, False, 0)
@@ -225,6 +231,10 @@ def test_precision_on_a_cpu_follows_its_bf16_units(monkeypatch, amx, avx512_bf16
         args = machine_flags(amp=forced)
         train.runtime_defaults(args, torch.device('cpu'))
         assert args.amp == forced
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX2')  # ATEN_CPU_CAPABILITY=avx2
+    args = machine_flags()
+    train.runtime_defaults(args, torch.device('cpu'), train_width=768)
+    assert args.amp == 'off'  # the units are there, but torch's kernels do not use them
 
 
 @pytest.mark.parametrize('native,method,expected', [(True, 'evit', ('bf16', True)), (False, 'evit', ('fp16', True)),
@@ -258,16 +268,7 @@ def test_bf16_training_on_a_cpu_is_finite_resumes_exactly_and_keeps_its_precisio
     train.main(args + ['--out', str(tmp_path / 'straight')])
     losses = [m['train_loss'] for m in read_log(tmp_path / 'straight')]
     assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
-    real_save = train.save_checkpoint
-
-    def crash_after_saving(model, path, **state):
-        real_save(model, path, **state)
-        if state['epoch'] == 1:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(train, 'save_checkpoint', crash_after_saving)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(args + ['--out', str(tmp_path / 'resumed')])
-    monkeypatch.setattr(train, 'save_checkpoint', real_save)
+    stop_after_epoch_1(monkeypatch, args + ['--out', str(tmp_path / 'resumed')])
     capsys.readouterr()
     train.main(['--resume', str(tmp_path / 'resumed' / 'last.pt'), '--workers', '0', '--no-compile', '--device', 'cpu'])
     assert 'precision bf16 (saved)' in capsys.readouterr().out  # not this machine's default
@@ -278,16 +279,8 @@ def test_bf16_training_on_a_cpu_is_finite_resumes_exactly_and_keeps_its_precisio
 @pytest.mark.long
 def test_a_run_saved_without_fp16_resumes_with_amp_fp16(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(leaves.Leaves, 'per_class', {'train': 2, 'test': 1})
-    real_save = train.save_checkpoint
-
-    def crash_after_saving(model, path, **state):
-        real_save(model, path, **state)
-        if state['epoch'] == 1:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(train, 'save_checkpoint', crash_after_saving)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(FAST + ['--epochs', '2', '--amp', 'off', '--batch-size', '20', '--out', str(tmp_path)])
-    monkeypatch.setattr(train, 'save_checkpoint', real_save)
+    stop_after_epoch_1(monkeypatch, FAST + ['--epochs', '2', '--amp', 'off', '--batch-size', '20',
+                                            '--out', str(tmp_path)])
     assert torch.load(tmp_path / 'last.pt', weights_only=True)['scaler'] == {}  # a disabled scaler saves nothing
     metrics = train.main(['--resume', str(tmp_path / 'last.pt'), '--amp', 'fp16'])
     assert metrics['epoch'] == 2 and 'precision fp16 (given)' in capsys.readouterr().out
@@ -386,6 +379,6 @@ def test_loader_workers_follow_the_usable_cores_and_a_small_dev_shm_is_said(monk
     assert evaluation.usable_cores() == 2
     monkeypatch.setattr(evaluation.os.path, 'isdir', lambda path: True)
     monkeypatch.setattr(evaluation.shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(64, 0, 64 * 2**20))
-    warning = train.shm_warning(16, 32, 448)  # Docker's 64 MB against 16 workers x 2 batches of 32 x 3 x 448 x 448
-    assert warning.count('\n') == 0 and '/dev/shm has 64 MiB free' in warning and 'about 588 MiB' in warning
+    warning = train.shm_warning(16, 32, 448)  # Docker's 64 MB; 2 processes x 16 workers x 2 batches of 32 x 3 x 448²
+    assert warning.count('\n') == 0 and '/dev/shm has 64 MiB free' in warning and 'about 1176 MiB' in warning
     assert train.shm_warning(1, 8, 32) is None and train.shm_warning(0, 32, 448) is None
