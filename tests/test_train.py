@@ -65,7 +65,8 @@ def test_dynamicvit_trains_with_its_ratio_loss_and_gradient_clipping(tmp_path):
 
 @pytest.mark.long
 def test_resume_continues_the_same_trajectory(tmp_path, monkeypatch):
-    args = FAST + ['--epochs', '3', '--seed', '3']
+    monkeypatch.setattr(leaves.Leaves, 'per_class', {'train': 30, 'test': 10})
+    args = FAST + ['--epochs', '3', '--seed', '3', '--batch-size', '25']
     train.main(args + ['--out', str(tmp_path / 'straight')])
     stop_after_epoch_1(monkeypatch, args + ['--out', str(tmp_path / 'resumed')])
     train.main(['--resume', str(tmp_path / 'resumed' / 'last.pt')])
