@@ -77,16 +77,22 @@ class Standardise(torch.nn.Module):
     """uint8 images (B, 3, H, W), as every dataset here gives them, -> the model's float32 input on this module's
     device: / 255, less the mean, over the std, per channel. ToTensor's and Normalize's arithmetic in their order:
     the same bits as normalising each image in a loader worker, but the workers, their shared memory and the copy to
-    a GPU carry 1 byte a pixel instead of 4."""
+    a GPU carry 1 byte a pixel instead of 4. (255 is a tensor: CUDA divides by a Python number as a product with its
+    reciprocal, one bit off for half the pixel values.)"""
 
     def __init__(self, mean, std):
         super().__init__()
-        self.register_buffer('mean', torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer('std', torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        for name, value in (('mean', mean), ('std', std), ('scale', (255.0,) * 3)):
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def of(cls, dataset, device) -> 'Standardise':
+        """The standardising that `dataset`'s images need (its `mean` and `std`), on `device`."""
+        return cls(dataset.mean, dataset.std).to(device)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.mean.device, non_blocking=True)
-        return images.to(torch.float32).div_(255).sub_(self.mean).div_(self.std)
+        return images.to(torch.float32).div_(self.scale).sub_(self.mean).div_(self.std)
 
 
 class ImageList(Dataset):

@@ -238,8 +238,7 @@ def for_inference(model, amp: str, device):
 def accuracy(model, dataset, args, device) -> dict:
     """Accuracy as train.py measures it after each epoch: fp32 weights under autocast at --amp, so the two agree."""
     loader = DataLoader(dataset, args.batch_size, num_workers=args.workers, pin_memory=device.type == 'cuda')
-    standardise = Standardise(dataset.mean, dataset.std).to(device)
-    return evaluate(model.to(device), loader, standardise, autocast_args(args.amp, device))
+    return evaluate(model.to(device), loader, Standardise.of(dataset, device), autocast_args(args.amp, device))
 
 
 def cost(model, args, device) -> dict:

@@ -106,7 +106,7 @@ def evidence_recall(model, dataset, device, batch: int = 100) -> list:
       number of patches made blind to the evidence would keep alone on average."""
     if not hasattr(dataset, 'render'):
         raise ValueError("--recall needs the generator's evidence masks: use --dataset leaves")
-    standardise, p = Standardise(dataset.mean, dataset.std).to(device), model.cfg.patch_size
+    standardise, p = Standardise.of(dataset, device), model.cfg.patch_size
     sums, total = torch.zeros(len(model.cfg.loc), 3), 0
     for start in range(0, len(dataset), batch):
         ids = range(start, min(start + batch, len(dataset)))
@@ -129,7 +129,7 @@ def factor_accuracy(model, dataset, device, batch: int = 100) -> dict:
     colour; one that loses the outline loses length."""
     if not hasattr(dataset, 'factors'):
         raise ValueError('--factors needs classes made of factors: use --dataset leaves')
-    standardise, hits = Standardise(dataset.mean, dataset.std).to(device), Counter()
+    standardise, hits = Standardise.of(dataset, device), Counter()
     model.eval()
     for images, labels in DataLoader(dataset, batch):
         predicted = model(standardise(images))[0].argmax(-1).cpu()  # (B,)
@@ -152,7 +152,7 @@ def visualize(model, dataset, path, device, num_images=6, scale=4):
     scale = 1 if S >= 128 else scale  # large images need no enlarging
     up = lambda m: m.view(-1, 1, S // p, S // p).repeat_interleave(p * scale, 2).repeat_interleave(p * scale, 3)
     plain = plain.repeat_interleave(scale, 2).repeat_interleave(scale, 3)  # (B, 3, S*scale, S*scale)
-    kept = alive_patches(model, Standardise(dataset.mean, dataset.std).to(device)(images))
+    kept = alive_patches(model, Standardise.of(dataset, device)(images))
     rows = [plain] + [plain * (0.25 + 0.75 * up(alive.float())) for alive in kept]
     if hasattr(dataset, 'render'):  # the leaves' generator knows where their evidence is
         inside = up(torch.stack([evidence(dataset, i, S, p) for i in range(len(images))]).float())  # (B, 1, H, W)
@@ -228,7 +228,7 @@ def main(argv=None):
                 print(f'after block {s}: evidence recall {alone:.3f} (chance {chance:.3f}), '
                       f'merged with other patches {mixed:.3f}')
         elif args.trace is not None:
-            rows = trace(model, Standardise(dataset.mean, dataset.std).to(device)(dataset[args.trace][0][None]))
+            rows = trace(model, Standardise.of(dataset, device)(dataset[args.trace][0][None]))
             kinds = list(dict.fromkeys(k for row in rows for k in row[1]))
             print('block  in  ' + ' '.join(f'{k:>6}' for k in kinds) + '  patches with a token')
             for i, counts, alive, notes in rows:

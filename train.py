@@ -181,13 +181,13 @@ def train(args):
     # 0. the machine. torchrun sets WORLD_SIZE: one code path for 1 or N processes
     distributed = 'WORLD_SIZE' in os.environ
     device = pick_device(args.device)
-    if distributed:  # the first barrier waits while each node resizes the images (SoyGene: 24k): NCCL's 10 minutes
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', timeout=timedelta(minutes=60))
+    if distributed:  # the start waits, for up to an hour, while each node resizes the images (SoyGene: 24k)
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+        start_wait = dist.new_group(backend='gloo', timeout=timedelta(minutes=60))  # the others keep their timeout
         if device.type == 'cuda':
             device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
             torch.cuda.set_device(device)
-    rank = dist.get_rank() if distributed else 0
-    world = dist.get_world_size() if distributed else 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     first_on_node = int(os.environ.get('LOCAL_RANK', 0)) == 0
     ckpt = None
     how = 'given' if args.amp else 'auto'  # where the precision comes from, said when the run starts
@@ -206,7 +206,7 @@ def train(args):
     # 1. data: ImageNet statistics by default, as the paper's code does for every backbone. Under torchrun each node's
     # first process resizes the images and fetches the weights, then the rest read them (data.resize_once: atomic)
     if distributed and not first_on_node:
-        dist.barrier()
+        dist.barrier(start_wait)
     stats = backbone_config(args.backbone) if args.norm == 'backbone' else None
     mean, std = (stats.mean, stats.std) if stats else (None, None)
     cache = args.workers if args.cache else None
@@ -222,7 +222,7 @@ def train(args):
     test_loader = DataLoader(Subset(test_set, range(rank, len(test_set), world)), args.batch_size // world, **kw)
     if len(train_loader) == 0:
         raise DatasetError(f'{len(train_set)} training images make no full batch of {args.batch_size}')
-    if rank == 0 and (warning := shm_warning(args.workers, args.batch_size // world, args.img_size)):
+    if first_on_node and (warning := shm_warning(args.workers, args.batch_size // world, args.img_size)):
         print(warning)
 
     # 2. model, optimizer, mixed precision
@@ -233,11 +233,11 @@ def train(args):
             source = demo_backbone(args) if args.dataset == 'leaves' else pretrained_url(args.backbone)
         load_weights(model, source, verbose=rank == 0)
     if distributed and first_on_node:
-        dist.barrier()
+        dist.barrier(start_wait)
     if distributed and device.type == 'cuda':  # the CLA head's BatchNorm sees the global batch, as on one GPU
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
-    standardise = Standardise(train_set.mean, train_set.std).to(device)
+    standardise = Standardise.of(train_set, device)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     start = 0

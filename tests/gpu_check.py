@@ -59,6 +59,7 @@ def parse_args(argv=None):
     p.add_argument('--side', type=int, help='side of the synthetic PNGs (default 1000; dry run 64)')
     p.add_argument('--images', type=int, help='training images (default 2048; dry run 16); a quarter as many test')
     p.add_argument('--workers', type=int, help="loader processes (default: train.py's on this machine)")
+    p.add_argument('--phase-timeout', type=int, default=300, help='seconds before a phase counts as failed (300)')
     p.add_argument('--in-phase', choices=PHASES, help=argparse.SUPPRESS)  # how the check starts each phase
     return p.parse_args(argv)
 
@@ -170,7 +171,7 @@ def train_run(args, size: dict, out: Path):
     if args.workers is not None:
         cmd += ['--workers', str(args.workers)]
     shutil.rmtree(out / 'train', ignore_errors=True)
-    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, timeout=args.phase_timeout)
     first, second = (json.loads(line) for line in (out / 'train' / 'log.jsonl').read_text().splitlines())
     record(out, 'train', 'train.py, epoch 1 (compiles)', f'{first["seconds"]:.0f} s, {first["images_per_s"]:.0f} '
            'images/s')
@@ -180,14 +181,12 @@ def train_run(args, size: dict, out: Path):
 def run_phase(args, size: dict, out: Path):
     """One phase, in this process (the check starts one per phase)."""
     torch.manual_seed(0)
-    machine = argparse.Namespace(amp=None, compile=None, workers=args.workers, method='evit')
-    runtime_defaults(machine, torch.device(size['device']))  # train.py's loader processes on this machine
     if args.in_phase == 'tests':
         # the compiled-training test for the methods asked for; the plain ViT compiles in the speed phase
         picked = ' or '.join(f'[{m}]' for m in args.methods if m != 'none') or 'nothing'
         cmd = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', 'tests/test_gpu.py', '-k',
                f'not dry_run and (not compiled_bf16 or {picked})']
-        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.phase_timeout)
         summary = (result.stdout.strip().splitlines() or ['no output'])[-1]
         record(out, 'tests', 'tests/test_gpu.py', summary)
         if result.returncode not in (0, 5):  # 5: nothing collected
@@ -195,7 +194,9 @@ def run_phase(args, size: dict, out: Path):
             sys.exit(1)
     elif args.in_phase == 'speed':
         speed(args, size, out)
-    elif args.in_phase == 'loader':
+    elif args.in_phase == 'loader':  # train.py's loader processes on this machine, unless given
+        machine = argparse.Namespace(amp='off', compile=False, workers=args.workers, method='evit')
+        runtime_defaults(machine, torch.device(size['device']))
         loader(args, size, out, machine.workers)
     else:
         train_run(args, size, out)
@@ -219,17 +220,22 @@ def main(argv=None):
     if {'loader', 'train'} & set(args.phase):
         write_data(out / 'data', size['side'], size['images'])
     given = ['--out', str(out), '--methods', *args.methods] + ['--dry-run'] * args.dry_run + [
-        f'--{k}={getattr(args, k)}' for k in ('side', 'images', 'workers') if getattr(args, k) is not None]
+        f'--{k.replace("_", "-")}={getattr(args, k)}' for k in ('side', 'images', 'workers', 'phase_timeout')
+        if getattr(args, k) is not None]
     for phase in args.phase:
         cmd = [sys.executable, __file__, '--in-phase', phase, *given]
         t0 = time.perf_counter()
-        result = subprocess.run(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)  # rows stream to our stdout
-        if result.returncode:
+        try:  # the phase's rows stream to our stdout as it measures them
+            result = subprocess.run(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True, timeout=args.phase_timeout)
+            code, stderr = result.returncode and f'exit {result.returncode}', result.stderr
+        except subprocess.TimeoutExpired as e:
+            code, stderr = f'timed out after {args.phase_timeout} s', e.stderr or ''
+            stderr = stderr.decode() if isinstance(stderr, bytes) else stderr
+        if code:
             failed.append(phase)
-            tail = '\n'.join(result.stderr.strip().splitlines()[-30:])
-            print(f'\nphase {phase} failed (exit {result.returncode}): {" ".join(cmd)}\n{tail}\n', file=sys.stderr,
-                  flush=True)
-        record(out, phase, 'phase seconds', f'{time.perf_counter() - t0:.0f}' + (' (failed)' * bool(result.returncode)))
+            tail = '\n'.join(stderr.strip().splitlines()[-30:])
+            print(f'\nphase {phase} failed ({code}): {" ".join(cmd)}\n{tail}\n', file=sys.stderr, flush=True)
+        record(out, phase, 'phase seconds', f'{time.perf_counter() - t0:.0f}' + (' (failed)' * bool(code)))
     record(out, 'check', 'seconds in all', f'{time.perf_counter() - started:.0f}'
            + (f'; failed: {" ".join(failed)}' if failed else ''))
     sys.exit(1 if failed else 0)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import tiny_folder, toy
+from data import Standardise
 from reduce import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +39,13 @@ def test_gpu_fp32_gives_the_cpu_logits_and_bf16_stays_close(method, keep, clca, 
     torch.testing.assert_close(gpu, cpu, atol=1e-4, rtol=1e-4)
     assert torch.isfinite(bf16).all()
     assert (bf16 - cpu).norm() <= BF16_TOLERANCE.get(method, 0.15) * cpu.norm()
+
+
+@cuda
+def test_standardising_on_the_gpu_gives_the_cpus_bits():
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    standardise = Standardise((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert torch.equal(standardise.cuda()(images).cpu(), standardise.cpu()(images))  # true division, on both
 
 
 def counting_compiler():

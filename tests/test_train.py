@@ -123,11 +123,11 @@ def test_the_host_reads_the_training_sums_a_fixed_number_of_times_however_many_s
                 reads.append(real.__name__)
             return real(t, *a)
         return read
-    for name in ('item', 'tolist', '__bool__', '__float__'):
+    for name in ('item', 'tolist', 'cpu', '__bool__', '__float__', '__int__', '__format__'):
         monkeypatch.setattr(torch.Tensor, name, reading(getattr(torch.Tensor, name)))
     counts = []
-    for per_class in (4, 8):  # 10 and 20 steps of 4 images, both fewer than SYNC_EVERY
-        monkeypatch.setattr(leaves.Leaves, 'per_class', {'train': per_class, 'test': 2})
+    for per_class in (4, 8):  # 10 and 20 steps of 4 images, both fewer than SYNC_EVERY; 5 and 10 test batches
+        monkeypatch.setattr(leaves.Leaves, 'per_class', {'train': per_class, 'test': per_class // 2})
         reads.clear()
         train.main(FAST + ['--epochs', '1', '--batch-size', '4', '--out', str(tmp_path / str(per_class))])
         counts.append(len(reads))
