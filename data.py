@@ -6,6 +6,11 @@
 - `leaves` and `leaf-species`, the embedded data drawn by leaves.py, by the same `build_dataset`.
 - `python data.py --dataset soyageing --data-dir DIR` checks a download before a long run (`check`).
 """
+import sys
+
+if sys.version_info < (3, 10):  # said in one line here, before the first `str | None` below fails with a traceback
+    sys.exit(f'error: this code needs Python 3.10 or newer, not {sys.version.split()[0]}: install a newer Python')
+
 import argparse
 import csv
 import hashlib
@@ -13,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import NamedTuple

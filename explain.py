@@ -9,6 +9,11 @@ it, and what the token sequence holds block by block (the Cross-Layer Cache, tok
 The evidence comes from the leaves, whose generator knows where each class lives. A model is found as eval.py
 finds it, from a checkpoint or from the model flags alone (random weights, --seed); everything runs in fp32.
 """
+import sys
+
+if sys.version_info < (3, 10):  # said in one line here, before the first `str | None` below fails with a traceback
+    sys.exit(f'error: this code needs Python 3.10 or newer, not {sys.version.split()[0]}: install a newer Python')
+
 import argparse
 import math
 from collections import Counter
@@ -17,6 +22,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
+import PIL
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader
 from torchvision.transforms.functional import to_pil_image
@@ -45,8 +51,11 @@ def parse_args(argv=None):
     add_model_flags(p)  # they describe the model when no checkpoint does, and override a checkpoint's settings
     a('--num-classes', type=int)
     a('--seed', type=int, default=0, help='the random weights of a model built without a checkpoint')
-    a('--device', choices=DEVICES, default='auto', help='auto: CUDA, else Apple MPS, else the CPU')
-    return p.parse_args(argv)
+    a('--device', choices=DEVICES, default='auto', help='auto: CUDA, else the CPU; mps only when asked (untried)')
+    args = p.parse_args(argv)
+    if args.visualize and tuple(map(int, PIL.__version__.split('.')[:2])) < (10, 1):  # load_default(size=) is 10.1's
+        p.error(f'--visualize needs Pillow 10.1 or newer, not {PIL.__version__}: pip install -r requirements.txt')
+    return args
 
 
 def run_with_hooks(model, images, hooks):

@@ -6,6 +6,11 @@ writes an SVG by hand, so no plotting library is needed.
     python plot.py runs.md runs.svg
     python plot.py docs/RESULTS.md figures/accuracy_gmacs.svg  # the README's figure, from the results page
 """
+import sys
+
+if sys.version_info < (3, 10):  # said in one line here, before the first `str | None` below fails with a traceback
+    sys.exit(f'error: this code needs Python 3.10 or newer, not {sys.version.split()[0]}: install a newer Python')
+
 import argparse
 import math
 import re

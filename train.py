@@ -7,6 +7,11 @@
 
 Not here: building, evaluating and running a model on a machine (eval.py, which this file imports).
 """
+import sys
+
+if sys.version_info < (3, 10):  # said in one line here, before the first `str | None` below fails with a traceback
+    sys.exit(f'error: this code needs Python 3.10 or newer, not {sys.version.split()[0]}: install a newer Python')
+
 import argparse
 import itertools
 import json
@@ -71,13 +76,13 @@ def parse_args(argv=None):
     a('--workers', type=int, help='loading processes per process (default: CUDA, usable cores per process; else 0)')
     a('--cache', action=BooleanOptionalAction, help='resize every image once and keep it on disk beside the '
       'images, so an epoch only crops, flips and normalises: the same pixels, faster (default on for CUDA)')
-    a('--device', choices=DEVICES, help='auto (default): CUDA, else Apple MPS, else the CPU')
+    a('--device', choices=DEVICES, help='auto (default): CUDA, else the CPU; mps only when asked (untried)')
     a('--seed', type=int, help='seed (default 1): the same seed gives the same run on a CPU')
     a('--out', help='output folder (default runs/<dataset>, numbered if taken)')
     a('--resume', help='checkpoint to continue from, with the flags it was started with')
     args = p.parse_args(argv)
-    if args.device in ('cuda', 'mps') and pick_device('auto').type != args.device:
-        p.error(f'--device {args.device}: torch sees no such device here; use --device auto or cpu')
+    if args.device:
+        pick_device(args.device)  # a device torch cannot see stops here, before any work
     if args.workers is not None and args.workers < 0:
         p.error('--workers must be 0 or more')
     if args.resume:  # the model and the recipe come from the checkpoint

@@ -1,4 +1,6 @@
+import argparse
 import json
+import os
 import re
 import shutil
 
@@ -56,10 +58,17 @@ def test_cost_reports_gmacs_params_speed_and_memory(capsys):
     assert 'tokens per stage 18>17>16>16' in out
 
 
-def test_cost_times_the_model_in_eval_mode(capsys):
+def test_cost_times_the_model_in_eval_mode(capsys, monkeypatch):
+    timed_modes, real_step = [], evaluation.inference_step
+
+    def step(net, batch, device):
+        timed_modes.append({m.training for m in net.modules()})
+        return real_step(net, batch, device)
+    monkeypatch.setattr(evaluation, 'inference_step', step)
     evaluation.main(['--cost', '--backbone', 'vit_tiny_patch8_224', '--img-size', '32', '--method', 'evit',
                      '--keep', '0.5', '--clc', '--cla', '--num-classes', '10', '--batch-size', '1'])
-    assert 'images/s of inference (batch 1' in capsys.readouterr().out  # the CLA head's BatchNorm would fail in training
+    assert timed_modes == [{False}]  # every module, the CLA head's BatchNorm included (it refuses a batch of 1 in training)
+    assert 'images/s of inference (batch 1' in capsys.readouterr().out
 
 
 def test_cost_times_a_training_step_as_train_py_takes_it(capsys):
@@ -97,7 +106,11 @@ def test_sweep_over_checkpoints_adds_their_accuracy(tmp_path, capsys):
                      '--dataset', 'leaves', '--batch-size', '100', '--workers', '0'])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| evit')]
     assert [r.split('|')[2].strip() for r in rows] == ['0.25', '0.5']
-    assert all(re.fullmatch(r'\d+\.\d', r.split('|')[8].strip()) for r in rows)
+    for path, row in zip(('a.pth', 'b.pth'), rows):  # each checkpoint's top-1, as --checkpoint alone measures it
+        evaluation.main(['--checkpoint', str(tmp_path / path), '--dataset', 'leaves', '--batch-size', '100',
+                         '--workers', '0'])
+        alone = float(re.search(r'top-1 ([\d.]+)%', capsys.readouterr().out).group(1))
+        assert row.split('|')[8].strip() == f'{alone:.1f}'
 
 
 def test_evaluate_counts_top1_and_top5():
@@ -202,3 +215,75 @@ def test_sweep_reads_finished_runs_from_their_own_folders(tmp_path, capsys, monk
         evaluation.main(['--sweep', '--checkpoints', runs[0], '--keep', '0.5'])
     with pytest.raises(SystemExit, match='holds no train.py run'):
         evaluation.main(['--sweep', '--checkpoints', str(tmp_path)])
+
+
+def machine_flags(**given):
+    return argparse.Namespace(**{'amp': None, 'compile': None, 'workers': None, 'method': 'evit', **given})
+
+
+@pytest.mark.parametrize('amx,avx512_bf16,expected', [(True, False, 'bf16'), (False, True, 'bf16'),
+                                                      (False, False, 'off')])
+def test_precision_on_a_cpu_follows_its_bf16_units(monkeypatch, amx, avx512_bf16, expected):
+    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: amx)
+    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: avx512_bf16)
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX512')
+    args = machine_flags()
+    evaluation.runtime_defaults(args, torch.device('cpu'))  # inference
+    assert (args.amp, args.compile, args.workers) == (expected, False, 0)
+    for width, amp in ((768, expected), (192, 'off')):  # training: bf16 only pays on wide enough matrices
+        args = machine_flags()
+        evaluation.runtime_defaults(args, torch.device('cpu'), train_width=width)
+        assert args.amp == amp
+    for forced in ('off', 'fp16', 'bf16'):  # a given --amp wins over the hardware
+        args = machine_flags(amp=forced)
+        evaluation.runtime_defaults(args, torch.device('cpu'))
+        assert args.amp == forced
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX2')  # ATEN_CPU_CAPABILITY=avx2
+    args = machine_flags()
+    evaluation.runtime_defaults(args, torch.device('cpu'), train_width=768)
+    assert args.amp == 'off'  # the units are there, but torch's kernels do not use them
+
+
+@pytest.mark.parametrize('native,method,expected', [(True, 'evit', ('bf16', True)), (False, 'evit', ('fp16', True)),
+                                                    (True, 'ats', ('bf16', False))])
+def test_precision_and_compile_on_a_gpu(monkeypatch, native, method, expected):
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: native or including_emulation)
+    args = machine_flags(method=method)
+    evaluation.runtime_defaults(args, torch.device('cuda', 0))
+    assert (args.amp, args.compile) == expected and args.workers >= 1
+    args = machine_flags()
+    evaluation.runtime_defaults(args, torch.device('mps'))
+    assert (args.amp, args.compile, args.workers) == ('off', False, 0)
+
+
+@pytest.mark.parametrize('cuda,mps', [(True, True), (False, True), (False, False)])
+def test_device_auto_takes_cuda_else_the_cpu_and_mps_only_when_asked(monkeypatch, cuda, mps):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: mps)
+    assert evaluation.pick_device('auto').type == ('cuda' if cuda else 'cpu')  # a Mac trains on its CPU by default
+    assert evaluation.pick_device('cpu').type == 'cpu'
+    for name, seen in (('mps', mps), ('cuda', cuda)):
+        if seen:
+            assert evaluation.pick_device(name).type == name
+            continue
+        with pytest.raises(SystemExit, match=f'--device {name}: torch sees no such device here'):
+            evaluation.pick_device(name)
+        with pytest.raises(SystemExit, match=f'--device {name}: torch sees no such device'):
+            train.parse_args(['--device', name])  # refused before any work
+
+
+def test_loader_workers_follow_the_usable_cores_and_a_small_dev_shm_is_said(monkeypatch):
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(6)), raising=False)  # a job's 6 of 64 cores
+    monkeypatch.setattr(os, 'cpu_count', lambda: 64)
+    monkeypatch.setattr(evaluation.Path, 'read_text', lambda self: 'max 100000')  # no CPU quota (cgroup v2 cpu.max)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
+    args = machine_flags(amp='bf16')
+    evaluation.runtime_defaults(args, torch.device('cuda', 0))
+    assert args.workers == 3  # 6 usable cores over 2 processes
+    monkeypatch.setattr(evaluation.Path, 'read_text', lambda self: '200000 100000')  # a quota of 2 cores
+    assert evaluation.usable_cores() == 2
+    monkeypatch.setattr(evaluation.os.path, 'isdir', lambda path: True)
+    monkeypatch.setattr(evaluation.shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(64, 0, 64 * 2**20))
+    warning = evaluation.shm_warning(16, 32, 448)  # Docker's 64 MB; 2 processes x 16 workers x 2 batches of 32 x 3 x 448²
+    assert warning.count('\n') == 0 and '/dev/shm has 64 MiB free' in warning and 'about 1176 MiB' in warning
+    assert evaluation.shm_warning(1, 8, 32) is None and evaluation.shm_warning(0, 32, 448) is None

@@ -155,3 +155,12 @@ def test_visualize_writes_a_png_grid(tmp_path):
     assert (pixels == torch.tensor([0, 255, 255]).view(3, 1, 1)).all(0).sum() > 100  # the evidence outlines, in cyan
     heading = pixels[:, :explain.HEADING].sum(0) < 3 * 128  # dark text on white, above every column
     assert all(heading[:, c * 130:(c + 1) * 130].sum() > 20 for c in range(4))
+
+
+def test_visualize_on_an_older_pillow_is_one_line_saying_what_it_needs(monkeypatch, capsys):
+    monkeypatch.setattr(explain.PIL, '__version__', '10.0.1')  # load_default() takes no size before 10.1
+    with pytest.raises(SystemExit):
+        explain.parse_args(['--visualize', 'kept.png'])
+    assert 'error: --visualize needs Pillow 10.1 or newer, not 10.0.1' in capsys.readouterr().err
+    monkeypatch.setattr(explain.PIL, '__version__', '10.1.0')
+    assert explain.parse_args(['--visualize', 'kept.png']).visualize == 'kept.png'
