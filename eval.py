@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from data import DATASETS, DatasetError, Standardise, build_dataset
 from model import (CLCA, PAPER_BACKBONE, PAPER_SIZE, ViT, backbone_config, gmacs, inference_step, timed,
                    tokens_per_stage, training_step)
-from reduce import METHODS
+from reduce import METHODS, varies_in_length
 from weights import CheckpointError, load_weights, model_config, num_classes_in, open_checkpoint, read_checkpoint
 
 DEVICES = ('auto', 'cuda', 'mps', 'cpu')
@@ -44,7 +44,7 @@ def add_model_flags(p):
     a('--backbone', help=f'timm ViT name with pretrained tag (default {PAPER_BACKBONE}, the backbone of the '
       "official README's training command; the paper's figures use deit3_base_patch16_224.fb_in1k)")
     a('--img-size', type=int, help=f'input size in pixels (paper: {PAPER_SIZE})')
-    a('--method', choices=METHODS, help='token reduction method')
+    a('--method', choices=('none', *METHODS), help='token reduction method')
     a('--keep', type=float, nargs='+', help='keep rate, one or one per location')
     a('--loc', type=int, nargs='*', help='0-indexed blocks that reduce (--loc alone: none)')
     a('--clc', action=argparse.BooleanOptionalAction, help='cross-layer cache')
@@ -91,7 +91,7 @@ def runtime_defaults(args, device: torch.device, train_width: int = 0):
     if args.amp is None:
         args.amp = 'fp16' if cuda else 'off'
     if args.compile is None:
-        args.compile = cuda and args.method != 'ats'
+        args.compile = cuda and not varies_in_length(args.method)
     if args.workers is None:
         per_process = usable_cores() // int(os.environ.get('LOCAL_WORLD_SIZE', 1))
         args.workers = min(MAX_WORKERS, max(1, per_process)) if cuda else 0
@@ -174,7 +174,7 @@ def parse_args(argv=None):
     a('--cost', action='store_true', help='parameters, GMACs, images/s and peak memory instead of accuracy')
     a('--train', action='store_true', help='with --cost: time a training step as train.py takes it, not inference')
     a('--sweep', action='store_true', help='one table over --methods x --keeps (or over --checkpoints)')
-    a('--methods', nargs='+', choices=METHODS, default=['none', 'evit', 'topk'])
+    a('--methods', nargs='+', choices=('none', *METHODS), default=['none', 'evit', 'topk'])
     a('--keeps', type=float, nargs='+', default=[0.1, 0.25, 0.5, 0.7])
     a('--checkpoints', nargs='+', help='sweep over checkpoints (evaluated) or run folders (their logged top-1)')
     add_model_flags(p)  # they describe the model when no checkpoint does, and override a checkpoint's settings
@@ -298,14 +298,14 @@ def sweep(args, device):
         groups.setdefault(run_key(model.cfg, raw), (model, []))[1].append(top1)
     settings = [] if args.checkpoints else itertools.product(args.methods, args.keeps, (False, True))
     for method, keep, clca in settings:
-        if method != 'none' or keep == args.keeps[0]:  # 'none' ignores the rate: one row each
+        if method in METHODS or keep == args.keeps[0]:  # the plain ViT ('none') ignores the rate: one row
             flags = dict(method=method, keep=[keep], clc=clca, cla=clca)
             groups[len(groups)] = (build(argparse.Namespace(**{**vars(args), **flags}))[0], [])
     print('| method | keep | CLC | CLA | tokens per stage | GMACs | images/s | top-1 | seeds |\n|' + '---|' * 9)
     for model, tops in groups.values():
         cfg = model.cfg
         c = cost(model, args, device)
-        keep = '/'.join(f'{k:g}' for k in cfg.keep) if cfg.method != 'none' else '1'
+        keep = '/'.join(f'{k:g}' for k in cfg.keep) if cfg.method in METHODS else '1'
         top1 = '-'
         if tops:
             top1 = f'{statistics.mean(tops):.1f}' + (f' ± {statistics.stdev(tops):.1f}' if len(tops) > 1 else '')

@@ -185,7 +185,6 @@ def trace(model, image) -> list:
     Kinds: CLS, patch, CLR (the carriers), cache (entries recovered from the cross-layer cache), and the
     tokens a reduction makes (EViT's fused token, ToMe's merged tokens, pooled clusters)."""
     side = model.cfg.img_size // model.cfg.patch_size
-    made = {'evit': 'fused', 'tome': 'merged'}.get(model.cfg.method, 'pooled')  # what a reduction's new tokens are
     kinds = ['CLS'] + ['patch'] * model.num_patches + ['CLR'] * model.num_clr  # one per token, in order
     rows = []
 
@@ -209,7 +208,7 @@ def trace(model, image) -> list:
                 new.append('CLS' if j == 0 else 'patch' if size == 1 else 'merged')
             else:  # a selected made token is an exact copy of an input row; anything else is new here
                 same = (before.x[0] == out.x[0, r]).all(-1).nonzero()
-                new.append(kinds[same[0].item()] if len(same) else made)
+                new.append(kinds[same[0].item()] if len(same) else module.made or 'made')
         kinds[:] = new
         rows[-1][3].append(f'{model.cfg.method} leaves {len(new)}: ' +
                            ', '.join(f'{n} {k}' for k, n in Counter(new).items()))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from reduce import Tokens, build_reducers
+from reduce import Tokens, build_reducers, varies_in_length
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -43,7 +43,7 @@ class ModelConfig:
     mean: tuple = IMAGENET_MEAN    # the backbone's pretraining statistics (data.py uses ImageNet's
     std: tuple = IMAGENET_STD      # by default, as the paper's code does)
     # CLCA, token reduction (reduce.py)
-    method: str = 'none'           # one of reduce.METHODS
+    method: str = 'none'           # 'none' or one of reduce.METHODS
     keep: tuple = (1.0,)           # keep rate, one for all locations or one per location
     loc: tuple = (3, 6, 9)         # 0-indexed blocks that reduce (and where CLC recovers, CLA reads)
     # CLCA, Cross-Layer Cache (CLC)
@@ -317,7 +317,7 @@ def tokens_per_stage(cfg) -> str:
     """Sequence length entering the first block and after each reduction location, e.g. 786>86>16>9,
     counted on the meta device (no memory, no compute). ATS keeps a number of tokens that depends on
     the image: its counts come from one random image and carry a '~'."""
-    varies = cfg.method == 'ats'
+    varies = varies_in_length(cfg.method)
     device = 'cpu' if varies else 'meta'
     with torch.device(device):
         model = ViT(cfg).eval()

@@ -12,12 +12,10 @@ if sys.version_info < (3, 10):  # said in one line here, before the first `str |
     sys.exit(f'error: this code needs Python 3.10 or newer, not {sys.version.split()[0]}: install a newer Python')
 
 import argparse
+import itertools
 import math
 import re
 from pathlib import Path
-
-from eval import exit_with
-from reduce import METHODS
 
 COLUMNS = ('method', 'keep', 'CLC', 'CLA', 'GMACs', 'top-1', 'seeds')  # of eval.py's sweep table; others ignored
 
@@ -65,7 +63,8 @@ def plot(rows, path):
     ys = nice_ticks(min(r['mean'] - r['std'] for r in rows), max(r['mean'] + r['std'] for r in rows))
     px = lambda x: L + (x - xs[0]) / (xs[-1] - xs[0]) * (W - L - R)
     py = lambda y: H - B - (y - ys[0]) / (ys[-1] - ys[0]) * (H - B - T)
-    colours = dict(zip(METHODS, '#444 #1f77b4 #17becf #ff7f0e #2ca02c #9467bd #8c564b #e377c2 #d62728'.split()))
+    palette = '#444 #1f77b4 #17becf #ff7f0e #d62728 #2ca02c #9467bd #8c564b #e377c2'.split()
+    colours = dict(zip(dict.fromkeys(r['method'] for r in rows), itertools.cycle(palette)))  # in order of appearance
     square = [(-5, -5), (5, -5), (5, 5), (-5, 5)]
     shapes = {(False, False): ('base', square), (True, True): ('CLCA', square),
               (True, False): ('CLC only', [(0, -6), (6, 5), (-6, 5)]),
@@ -131,7 +130,7 @@ def main(argv=None):
         rows = read_table(args.table)
         plot(rows, args.svg)
     except (OSError, ValueError) as e:
-        exit_with(e)
+        sys.exit(f'error: {e}')  # one line, no traceback
     print(f'wrote {args.svg}: {len(rows)} rows of {args.table}')
     return rows
 

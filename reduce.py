@@ -11,8 +11,9 @@ all N tokens, the MLP runs only on the survivors (EViT, Top-K, ToMe, ATS). A red
 `before_block = True` runs on the block's input and receives `qkv = None` (PatchMerger, SiT,
 DPC-KNN, DynamicViT).
 
-A method that changes more of the ViT than the token count does it through the tokens, never
-through model.py: ToMe's proportional attention and ATS's padding through `Tokens.attn_bias`,
+A method is a `Reducer` subclass registered in `METHODS`; the rest of the code reads its traits (class
+attributes, see `Reducer`), never its name. A method that changes more of the ViT than the token count does it
+through the tokens, never through model.py: ToMe's proportional attention and ATS's padding through `Tokens.attn_bias`,
 DynamicViT's gated attention through `DecidedTokens.attend`, its ratio loss through `Tokens.loss`.
 
 The CLS token is always position 0 and is never removed. The keep rule differs per method in the
@@ -26,9 +27,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-METHODS = ('none', 'evit', 'topk', 'tome', 'ats', 'patchmerger', 'sit', 'dpcknn', 'dynamicvit')
-
 
 @dataclass
 class Tokens:
@@ -174,16 +172,29 @@ def tome(t: Tokens, metric: torch.Tensor, r: int) -> Tokens:
 
 
 class Reducer(nn.Module):
-    """One reduction location: forward(tokens, qkv) -> tokens. `before_block` says where it runs."""
+    """One reduction location: forward(tokens, qkv) -> tokens. Its traits, read instead of the method's name:
+    - `before_block`: it runs on the block's input (qkv None), else after attention, before the MLP;
+    - `varies_in_length`: the images of a batch keep different numbers of tokens (padded), which
+      torch.compile would recompile for: such a method runs eager;
+    - `made`: what its new tokens are, named in explain.py's trace (None: it makes none)."""
     before_block = False
+    varies_in_length = False
+    made = None
+
+    @classmethod
+    def stages(cls, cfg, keeps: tuple, schedule: list) -> list:
+        """One reducer per location of `cfg.loc`. keeps: the rate of each location. schedule: P patches, then
+        the tokens a schedule over patches aims at after each location, int(P * keep_0 * ... * keep_s)."""
+        return [cls(keep) for keep in keeps]
 
 
 class EViT(Reducer):
-    """EViT / Top-K at one location (see `evit`)."""
+    """EViT at one location (see `evit`): the rate applies to the current tokens."""
+    made, fuse = 'fused', True
 
-    def __init__(self, keep: float, fuse: bool):
+    def __init__(self, keep: float):
         super().__init__()
-        self.keep, self.fuse = keep, fuse
+        self.keep = keep
 
     def forward(self, t: Tokens, qkv) -> Tokens:
         q, k, _ = qkv
@@ -193,13 +204,23 @@ class EViT(Reducer):
         return f'keep={self.keep}, fuse={self.fuse}'
 
 
+class TopK(EViT):
+    """Top-K: EViT without its fused token (EViT's own ablation)."""
+    made, fuse = None, False
+
+
 class ToMe(Reducer):
     """ToMe at one location: merges a fixed r tokens (see `tome`). Its other change to the ViT,
     proportional attention (log(size) added to the logits), travels with the tokens: `Tokens.attn_bias`."""
+    made = 'merged'
 
     def __init__(self, r: int):
         super().__init__()
         self.r = r
+
+    @classmethod
+    def stages(cls, cfg, keeps, schedule):  # a fixed number merged per stage, whatever CLC added (the reference's)
+        return [cls(before - after) for before, after in zip(schedule, schedule[1:])]
 
     def forward(self, t: Tokens, qkv) -> Tokens:
         return tome(t, qkv[1].mean(1), self.r)  # keys averaged over heads: (B, N, D/H)
@@ -250,10 +271,15 @@ def ats(t: Tokens, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_sample
 
 class ATS(Reducer):
     """ATS at one location (see `ats`). Its padding travels with the tokens: `Tokens.valid`."""
+    varies_in_length = True
 
     def __init__(self, num_samples: int):
         super().__init__()
         self.num_samples = num_samples
+
+    @classmethod
+    def stages(cls, cfg, keeps, schedule):  # K sample points (none when K rounds to 0); duplicates collapse
+        return [cls(k) for k in schedule[1:]]
 
     def forward(self, t: Tokens, qkv) -> Tokens:
         return ats(t, *qkv, self.num_samples)
@@ -278,14 +304,18 @@ class PatchMerger(Reducer):
     Follows the reference code in:
     - queries start from a standard normal, the LayerNorm has torch's default eps (1e-5);
     - everything but CLS is pooled, the CLR carrier and recovered cache tokens included;
-    - K may be 0 (queries (0, D)): then only CLS goes on.
+    - K may be 0 (queries (0, D)): then only CLS goes on (448 px, keep 0.1: int(784 * 0.001) at the third).
     """
-    before_block = True
+    before_block, made = True, 'pooled'
 
     def __init__(self, dim: int, k: int):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.queries = nn.Parameter(torch.randn(k, dim))
+
+    @classmethod
+    def stages(cls, cfg, keeps, schedule):  # K tokens: the schedule's target
+        return [cls(cfg.embed_dim, k) for k in schedule[1:]]
 
     def forward(self, t: Tokens, qkv) -> Tokens:
         x = self.norm(t.x[:, 1:])                                   # (B, N-1, D)
@@ -302,7 +332,7 @@ class SiT(Reducer):
     - the slimming module alone, without the SiT paper's token-recycling distillation;
     - K may be 0: then only CLS goes on.
     """
-    before_block = True
+    before_block, made = True, 'pooled'
 
     def __init__(self, dim: int, k: int):
         super().__init__()
@@ -310,6 +340,10 @@ class SiT(Reducer):
             warnings.filterwarnings('ignore', 'Initializing zero-element tensors')
             self.weight = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, k))
         self.scale = nn.Parameter(torch.ones(1, 1, 1))
+
+    @classmethod
+    def stages(cls, cfg, keeps, schedule):  # K tokens: the schedule's target
+        return [cls(cfg.embed_dim, k) for k in schedule[1:]]
 
     def forward(self, t: Tokens, qkv) -> Tokens:
         x = t.x[:, 1:]                                                          # (B, N-1, D)
@@ -354,14 +388,19 @@ class DPCKNN(Reducer):
     Follows the reference code in:
     - the protected suffix (the CLR carriers and every token recovered from the cache) is neither
       clustered nor merged and stays last;
-    - K is at least 5 before the last stage (its k-NN needs 5 tokens) and at least 1 at it (`build_reducers`).
+    - K is at least 5 before the last stage (its k-NN needs 5 tokens) and at least 1 at it.
     """
-    before_block = True
+    before_block, made = True, 'pooled'
 
     def __init__(self, dim: int, k: int):
         super().__init__()
         self.k = k
         self.score = nn.Linear(dim, 1)
+
+    @classmethod
+    def stages(cls, cfg, keeps, schedule):  # the reference's floors: 5 clusters before the last stage, 1 at it
+        floors = [5] * (len(keeps) - 1) + [1]
+        return [cls(cfg.embed_dim, max(k, floor)) for k, floor in zip(schedule[1:], floors)]
 
     def forward(self, t: Tokens, qkv) -> Tokens:
         end = t.x.shape[1] - t.protected
@@ -445,6 +484,11 @@ class DynamicViT(Reducer):
         self.out_conv = nn.Sequential(nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim // 4), nn.GELU(),
                                       nn.Linear(dim // 4, 2), nn.LogSoftmax(dim=-1))
 
+    @classmethod
+    def stages(cls, cfg, keeps, schedule):  # training targets keep^(s+1); eval counts as the reference (above)
+        return [cls(cfg.embed_dim, math.prod(keeps[:s + 1]), schedule[0], keeps[0] if cfg.clc else None,
+                    2.0 / len(keeps)) for s in range(len(keeps))]
+
     def predict(self, x: torch.Tensor, decision: torch.Tensor) -> torch.Tensor:
         """x (B, M, D), decision (B, M, 1) -> log-probabilities (B, M, 2) of [keep, drop]."""
         h = self.in_conv(x)
@@ -469,32 +513,26 @@ class DynamicViT(Reducer):
         return t.select(torch.cat([top.new_zeros(B, 1), top + 1], 1))
 
 
-def build_reducers(cfg) -> nn.ModuleList:
-    """The reducers of a model config (its `method`, `keep`, `loc`, `clc`, width and patch grid), one per
-    location in `loc` (stage s = 0, 1, ...); empty when nothing is reduced.
+# Every method, by the name --method takes. A method added here (a Reducer subclass) is built, trained, compiled,
+# traced and plotted with no other change; 'none' is the plain ViT.
+METHODS = {'evit': EViT, 'topk': TopK, 'tome': ToMe, 'ats': ATS, 'patchmerger': PatchMerger, 'sit': SiT,
+           'dpcknn': DPCKNN, 'dynamicvit': DynamicViT}
 
-    `keep` has one rate or one per location; all rates 1.0 means no reduction. EViT and Top-K apply
-    the rate to the current tokens. The schedule methods aim at int(P * keep_0 * ... * keep_s)
-    tokens after stage s (P patches): int(P * keep^(s+1)) for a single rate, as in the reference.
-    """
-    if cfg.method not in METHODS:
-        raise ValueError(f"unknown reduction method {cfg.method!r}: choose one of {', '.join(METHODS)}")
-    num_loc, dim, num_patches = len(cfg.loc), cfg.embed_dim, (cfg.img_size // cfg.patch_size) ** 2
+
+def build_reducers(cfg) -> nn.ModuleList:
+    """The reducers of a model config, one per location in `loc` (stage s = 0, 1, ...), built by its method's
+    `Reducer.stages`; empty when nothing is reduced. `keep` has one rate or one per location; all 1.0 reduce
+    nothing. A single rate gives the schedule int(P * keep^(s+1)), as in the reference."""
+    if cfg.method != 'none' and cfg.method not in METHODS:
+        raise ValueError(f"unknown reduction method {cfg.method!r}: choose one of none, {', '.join(METHODS)}")
+    num_loc, num_patches = len(cfg.loc), (cfg.img_size // cfg.patch_size) ** 2
     keeps = tuple(cfg.keep) * num_loc if len(cfg.keep) == 1 else tuple(cfg.keep)
     if cfg.method == 'none' or all(k == 1.0 for k in keeps):
         return nn.ModuleList()
-    if cfg.method in ('evit', 'topk'):
-        return nn.ModuleList(EViT(k, fuse=(cfg.method == 'evit')) for k in keeps)
-    targets = [int(num_patches * math.prod(keeps[:s + 1])) for s in range(num_loc)]
-    if cfg.method == 'tome':  # a fixed number merged per stage, whatever CLC added (the reference's rule)
-        return nn.ModuleList(ToMe(b - a) for b, a in zip([num_patches] + targets[:-1], targets))
-    if cfg.method == 'ats':  # K sample points (none when K rounds to 0); duplicates collapse, so at most K stay
-        return nn.ModuleList(ATS(k) for k in targets)
-    if cfg.method == 'dynamicvit':  # training targets keep^(s+1); eval counts as the reference (see DynamicViT)
-        return nn.ModuleList(DynamicViT(dim, math.prod(keeps[:s + 1]), num_patches, keeps[0] if cfg.clc else None,
-                                        2.0 / num_loc) for s in range(num_loc))
-    if cfg.method == 'dpcknn':  # the reference's floors: 5 clusters before the last stage (its k-NN needs 5), 1 at it
-        return nn.ModuleList(DPCKNN(dim, max(k, 1 if s == num_loc - 1 else 5)) for s, k in enumerate(targets))
-    # A target may round to 0 (448 px, keep 0.1: int(784 * 0.001)); as in the reference, that stage
-    # then pools into no token at all (PatchMerger's queries are (0, D)) and only CLS goes on.
-    return nn.ModuleList({'patchmerger': PatchMerger, 'sit': SiT}[cfg.method](dim, k) for k in targets)
+    schedule = [num_patches] + [int(num_patches * math.prod(keeps[:s + 1])) for s in range(num_loc)]
+    return nn.ModuleList(METHODS[cfg.method].stages(cfg, keeps, schedule))
+
+
+def varies_in_length(method: str) -> bool:
+    """Whether `method` (a --method name) keeps a different number of tokens per image."""
+    return method in METHODS and METHODS[method].varies_in_length

@@ -190,7 +190,7 @@ def model_config(raw) -> ModelConfig | None:
         raise CheckpointError("the checkpoint's saved arguments name no model: pass the model flags of eval.py")
     prefix, _, backbone = args['model'].partition('_')
     method = OFFICIAL_NAMES.get(prefix, prefix)
-    if method not in METHODS[1:]:  # a plain ViT: the name is the backbone's
+    if method not in METHODS:  # a plain ViT: the name is the backbone's
         method, backbone = 'none', args['model']
     fields = {ours: args[theirs] for ours, theirs in OFFICIAL_ARGS.items() if args.get(theirs) is not None}
     try:

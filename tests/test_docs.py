@@ -29,9 +29,12 @@ VARIABLES = {'seed': '4'}
 
 
 def shell_lines(text: str) -> list:
-    """The lines of every ``` block (continued lines joined, comments cut) and every `inline` code span."""
+    """The lines of every ``` block but Python's (continued lines joined, comments cut) and every `inline` code
+    span."""
     lines = []
-    for block in re.findall(r'```[a-z]*\n(.*?)```', text, re.S):
+    for language, block in re.findall(r'```([a-z]*)\n(.*?)```', text, re.S):
+        if language == 'python':
+            continue
         lines += [re.sub(r'(^|\s)#.*', '', line) for line in block.replace('\\\n', ' ').splitlines()]
     spans = re.findall(r'(?<!`)`([^`]+)`(?!`)', re.sub(r'```.*?```', '', text, flags=re.S))
     lines += [span.replace('\n', ' ') for span in spans]  # a span may wrap onto the next line
@@ -94,7 +97,9 @@ def defines(path: Path, name: str) -> bool:
 @pytest.mark.parametrize('doc', DOCS, ids=lambda p: p.name)
 def test_every_repository_path_in_the_docs_exists(doc):
     pattern = r'(?<![\w/.-])((?:tests|docs|figures|\.ci)/[\w./-]*\w|[\w-]+\.(?:py|md))(?::([\w.]+))?'
-    written = set(re.findall(r'> *([\w./-]+)', doc.read_text()))  # what the docs' own commands write, `> runs.md`
+    # what the docs' own commands write (`> runs.md`) and the files they ask the reader to save (saved as `x.py`)
+    written = {path for pair in re.findall(r'> *([\w./-]+)|[Ss]aved?(?:\s+it)?\s+as\s+`([\w./-]+)`', doc.read_text())
+               for path in pair}
     for path, name in re.findall(pattern, doc.read_text()):
         if path in written:
             continue

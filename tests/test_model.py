@@ -7,14 +7,13 @@ from torch._dynamo.utils import counters
 from conftest import toy, trace
 from eval import runtime_defaults
 from model import ModelConfig, create_model, gmacs
-from reduce import METHODS
+from reduce import METHODS, varies_in_length
 
 IMAGES = lambda n=2: torch.randn(n, 3, 32, 32)
 
 
 @pytest.mark.parametrize('family', ['vit', 'deit3', 'clip', 'miil'])
-@pytest.mark.parametrize('method', ['none', 'evit', 'topk', 'tome', 'ats', 'patchmerger', 'sit', 'dpcknn',
-                                    'dynamicvit'])
+@pytest.mark.parametrize('method', ['none', *METHODS])
 @pytest.mark.parametrize('clc,cla', [(False, False), (True, False), (False, True), (True, True)])
 def test_every_switch_combination_gives_logits_and_a_loss_in_both_modes(family, method, clc, cla):
     model = toy(family, method=method, keep=0.3, clc=clc, cla=cla)
@@ -160,8 +159,8 @@ def test_config_keeps_a_single_rate_as_a_tuple():
 
 
 @pytest.mark.long
-@pytest.mark.parametrize('method,keep', [('none', 1.0), ('ats', 0.1)]  # ATS: breaks at any rate
-                         + [(m, k) for m in METHODS[1:] if m != 'ats' for k in (0.1, 0.5)])
+@pytest.mark.parametrize('method,keep', [('none', 1.0)] + [(m, k) for m in METHODS  # a varying length breaks at any rate
+                                                            for k in ((0.1,) if varies_in_length(m) else (0.1, 0.5))])
 def test_every_method_compiles_without_graph_breaks_or_recompiles(method, keep):
     """torch.compile with the cheap aot_eager backend (dynamo's and autograd's tracing, no code generation) on a
     5-block toy, at keep 0.1, where the later stages of PatchMerger, SiT and DynamicViT keep no token, and at 0.5. A

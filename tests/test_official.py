@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import official_file, official_prefix, official_weights, toy
+from reduce import METHODS
 from weights import load_weights
 
 P, D, HEADS, DEPTH, LOC, NUM_CLR, PATCH = 64, 48, 3, 12, (3, 6, 9), 1, 4
-METHODS = ('evit', 'topk', 'tome', 'ats', 'patchmerger', 'sit', 'dpcknn', 'dynamicvit')
 
 
 def linear(x, sd, name):

@@ -1,5 +1,8 @@
 """plot.py: the figure reads like one (round ticks, labels that do not overlap, a marker and an error bar per
 row, a line per method and setting), drawn from the tables eval.py --sweep prints and the docs keep."""
+import subprocess
+import sys
+from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
@@ -67,3 +70,19 @@ def test_bad_input_is_a_one_line_error(tmp_path):
     with pytest.raises(SystemExit, match='the figure is an SVG'):
         plot.main([str(tmp_path / 'none.md'), str(tmp_path / 'p.png')])
     assert not (tmp_path / 'p.svg').exists()
+
+
+def test_methods_take_colours_in_the_order_they_appear_however_many_and_whatever_their_names(tmp_path):
+    names = ['none', 'evit', 'random', 'mine'] + [f'method{i}' for i in range(8)]  # more methods than colours
+    rows = [row('0.1', 0.05 + 0.01 * i, 60.0 + i, True, method=name) for i, name in enumerate(names)]
+    plot.plot(rows, tmp_path / 'many.svg')
+    svg = ElementTree.parse(tmp_path / 'many.svg').getroot()
+    markers = [e.get('stroke') for e in svg.iter(NS + 'polygon')][:len(names)]  # the rows' markers, in order
+    assert markers[:9] == ['#444', '#1f77b4', '#17becf', '#ff7f0e', '#d62728', '#2ca02c', '#9467bd', '#8c564b',
+                           '#e377c2'] and markers[9:] == markers[:3]  # then the palette starts again
+
+
+def test_plot_needs_no_torch():
+    """It reads text and writes text: a machine that only draws figures needs no torch import."""
+    check = "import sys; import plot; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, '-c', check], cwd=Path(plot.__file__).parent, timeout=60).returncode == 0

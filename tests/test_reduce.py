@@ -1,12 +1,16 @@
 import math
+import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import toy, trace
 from model import Attention, backbone_config
-from reduce import DecidedTokens, Tokens, build_reducers, cls_attention, evit, tome
+from reduce import METHODS, DecidedTokens, Tokens, build_reducers, cls_attention, evit, tome
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def full_attention(q, k, v):
@@ -328,7 +332,7 @@ def test_ats_padding_is_invisible_to_attention_averages_and_sampling():
     assert set(ats(t, q, k, v, 3).idx[0].tolist()) <= {-1, 0, 1, 2, 3}
 
 
-@pytest.mark.parametrize('method', ['evit', 'topk', 'tome', 'ats', 'patchmerger', 'sit', 'dpcknn', 'dynamicvit'])
+@pytest.mark.parametrize('method', METHODS)
 @pytest.mark.parametrize('training', [False, True])
 def test_cls_is_never_removed_by_any_method(method, training):
     model = toy(method=method, keep=0.1, clc=True, cla=True).train(training)
@@ -344,3 +348,29 @@ def test_ats_uses_the_reference_sample_points_rounding_included():
     q, k, v = ats_inputs(B, N, [list(range(1, N))])  # spread evenly: every point finds its own token
     assert ats(t, q, k, v, 32).x.shape[1] == 1 + 32
     assert ats(t, q, k, v, 196).x.shape[1] == 1 + 197  # the reference's arange yields one extra point here
+
+
+def test_the_readme_reduction_registers_trains_and_keeps_cls_first(tmp_path, monkeypatch, small_leaves):
+    """The README's example, as written, defined outside the project's files: it becomes a --method and trains."""
+    import reduce
+    import train
+    from test_train import FAST  # a tiny run of the embedded data
+    source = re.search(r'## Add your own reduction\n.*?```python\n(.*?)```', (ROOT / 'README.md').read_text(), re.S)[1]
+    monkeypatch.setitem(reduce.METHODS, 'random', None)  # removed again after the test
+    exec(compile(source, 'random_keep.py', 'exec'), {'__name__': 'random_keep'})
+    assert reduce.METHODS['random'].__name__ == 'RandomKeep'
+    for clc in (False, True):
+        model = toy(method='random', keep=0.3, clc=clc, cla=clc).train()
+        _, seen = trace(model, torch.randn(2, 3, 32, 32))
+        assert all((out.idx[:, 0] == 0).all() for _, out in seen)  # CLS first after every block
+        assert seen[3][1].x.shape[1] < seen[3][0].x.shape[1]  # block 3 reduced: ceil(0.3 * (N - 1)) + CLS (+ cache)
+        model(torch.randn(2, 3, 32, 32), torch.randint(5, (2,)))[1].backward()  # a training step's backward
+        assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith('blocks.11'))
+    metrics = train.main(FAST + ['--epochs', '1', '--method', 'random', '--out', str(tmp_path)])
+    assert metrics['epoch'] == 1 and train.parse_args(['--method', 'random']).method == 'random'
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_each_method_builds_its_own_registered_reducer_at_every_location(method):
+    reducers = toy(method=method, keep=0.5, clc=True, cla=True).reducers
+    assert len(reducers) == 3 and all(type(r) is METHODS[method] for r in reducers)
