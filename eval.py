@@ -82,7 +82,7 @@ def runtime_defaults(args, device: torch.device, train_width: int = 0):
     """Fill, where not given, the flags whose best value depends on the machine (docs/RESULTS.md: why). Precision:
     bf16 where the hardware has it, but fp32 to train a model narrower than 384 on a CPU (`train_width`), where
     autocast costs more than it saves; fp16 with loss scaling on older GPUs; else fp32. Compile: on CUDA, but not
-    ATS, whose token counts vary. Workers: on CUDA the `usable_cores` split over the node's processes, at most
+    a method whose token counts vary per image (ATS: `varies_in_length`). Workers: on CUDA the `usable_cores` split over the node's processes, at most
     MAX_WORKERS each; else 0. The resize cache of training (`--cache`, data.resize_once): on CUDA, where loading
     must keep up with the model."""
     cuda = device.type == 'cuda'
@@ -117,9 +117,9 @@ def shm_warning(workers: int, batch: int, img_size: int) -> str | None:
     """One line when /dev/shm cannot hold the batches the loader workers of this node's processes prefetch (2 each,
     uint8), else None: Docker gives a container 64 MB, and a worker that runs out of it dies of a bus error."""
     need = int(os.environ.get('LOCAL_WORLD_SIZE', 1)) * workers * 2 * batch * 3 * img_size ** 2
-    if not workers or not os.path.isdir('/dev/shm') or shutil.disk_usage('/dev/shm').free >= need:
+    free = shutil.disk_usage('/dev/shm').free if workers and os.path.isdir('/dev/shm') else math.inf
+    if free >= need:
         return None
-    free = shutil.disk_usage('/dev/shm').free
     return (f'warning: /dev/shm has {free / 2**20:.0f} MiB free; {workers} loader workers prefetch about '
             f'{need / 2**20:.0f} MiB: give the container --shm-size {math.ceil(2 * need / 2**30)}g, or lower --workers')
 
@@ -182,7 +182,7 @@ def parse_args(argv=None):
     a('--batch-size', type=int, help='default 32 on CUDA, 4 on CPU')
     a('--amp', choices=('bf16', 'fp16', 'off'), help='precision (default: what the hardware runs fast)')
     a('--compile', action='store_true', help='time the torch.compile-d model')
-    a('--workers', type=int, help='data loading processes (default: the cores on CUDA, 0 on a CPU)')
+    a('--workers', type=int, help='data loading processes (default: CUDA, the usable cores; else 0)')
     a('--device', choices=DEVICES, default='auto', help='auto: CUDA, else the CPU; mps only when asked (untried)')
     return p.parse_args(argv)
 

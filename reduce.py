@@ -296,7 +296,17 @@ def pooled(t: Tokens, merged: torch.Tensor) -> Tokens:
     return replace(t, x=torch.cat([t.x[:, :1], merged], 1), idx=idx, size=None, valid=None, protected=0, source=source)
 
 
-class PatchMerger(Reducer):
+class Pooling(Reducer):
+    """A reducer before a block that turns the tokens into K new ones, K the schedule's target at its location
+    (PatchMerger, SiT, DPC-KNN): built as `cls(width, K)`."""
+    before_block, made = True, 'pooled'
+
+    @classmethod
+    def stages(cls, cfg, keeps, schedule):
+        return [cls(cfg.embed_dim, k) for k in schedule[1:]]
+
+
+class PatchMerger(Pooling):
     """PatchMerger (Renggli et al., 2022) before a block: K learned queries attend over the
     LayerNorm-ed non-CLS tokens (softmax over the tokens, no 1/sqrt(D) scaling) and the K weighted
     averages of those normalised tokens replace them.
@@ -306,16 +316,11 @@ class PatchMerger(Reducer):
     - everything but CLS is pooled, the CLR carrier and recovered cache tokens included;
     - K may be 0 (queries (0, D)): then only CLS goes on (448 px, keep 0.1: int(784 * 0.001) at the third).
     """
-    before_block, made = True, 'pooled'
 
     def __init__(self, dim: int, k: int):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.queries = nn.Parameter(torch.randn(k, dim))
-
-    @classmethod
-    def stages(cls, cfg, keeps, schedule):  # K tokens: the schedule's target
-        return [cls(cfg.embed_dim, k) for k in schedule[1:]]
 
     def forward(self, t: Tokens, qkv) -> Tokens:
         x = self.norm(t.x[:, 1:])                                   # (B, N-1, D)
@@ -323,7 +328,7 @@ class PatchMerger(Reducer):
         return pooled(t, attn @ x)                                  # (B, 1+K, D)
 
 
-class SiT(Reducer):
+class SiT(Pooling):
     """Token slimming (SiT, Zong et al., 2022) before a block: an MLP (LayerNorm, D -> D/2, GELU,
     D/2 -> K) gives every non-CLS token K logits; a softmax over the tokens, after a learned scale,
     turns them into K weighted averages that replace the tokens.
@@ -332,7 +337,6 @@ class SiT(Reducer):
     - the slimming module alone, without the SiT paper's token-recycling distillation;
     - K may be 0: then only CLS goes on.
     """
-    before_block, made = True, 'pooled'
 
     def __init__(self, dim: int, k: int):
         super().__init__()
@@ -340,10 +344,6 @@ class SiT(Reducer):
             warnings.filterwarnings('ignore', 'Initializing zero-element tensors')
             self.weight = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, k))
         self.scale = nn.Parameter(torch.ones(1, 1, 1))
-
-    @classmethod
-    def stages(cls, cfg, keeps, schedule):  # K tokens: the schedule's target
-        return [cls(cfg.embed_dim, k) for k in schedule[1:]]
 
     def forward(self, t: Tokens, qkv) -> Tokens:
         x = t.x[:, 1:]                                                          # (B, N-1, D)
@@ -379,7 +379,7 @@ def dpc_knn(x: torch.Tensor, num_centers: int, k: int = 5):
     return assign, centres
 
 
-class DPCKNN(Reducer):
+class DPCKNN(Pooling):
     """DPC-KNN token clustering (TCFormer's clustering and merging) before a block: the patch tokens
     are clustered by `dpc_knn` into K clusters and each cluster becomes one token, the average of its
     members weighted by exp(a learned score, Linear D -> 1), normalised per cluster. CLS stays first; a
@@ -390,7 +390,6 @@ class DPCKNN(Reducer):
       clustered nor merged and stays last;
     - K is at least 5 before the last stage (its k-NN needs 5 tokens) and at least 1 at it.
     """
-    before_block, made = True, 'pooled'
 
     def __init__(self, dim: int, k: int):
         super().__init__()
