@@ -21,6 +21,7 @@ import re
 import resource
 import shutil
 import statistics
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -29,8 +30,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from data import DATASETS, DatasetError, Standardise, build_dataset
-from model import (CLCA, PAPER_BACKBONE, PAPER_SIZE, ViT, backbone_config, gmacs, inference_step, timed,
-                   tokens_per_stage, training_step)
+from model import CLCA, PAPER_BACKBONE, PAPER_SIZE, ViT, backbone_config, gmacs, tokens_per_stage
 from reduce import METHODS, varies_in_length
 from weights import CheckpointError, load_weights, model_config, num_classes_in, open_checkpoint, read_checkpoint
 
@@ -124,9 +124,21 @@ def shm_warning(workers: int, batch: int, img_size: int) -> str | None:
             f'{need / 2**20:.0f} MiB: give the container --shm-size {math.ceil(2 * need / 2**30)}g, or lower --workers')
 
 
+# Precision: `amp` is always the flag's string ('bf16', 'fp16' or 'off'); these three turn it into what torch takes
+def amp_dtype(amp: str) -> torch.dtype:
+    """The dtype an --amp precision computes in ('off': fp32)."""
+    return {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(amp, torch.float32)
+
+
 def autocast_args(amp: str, device: torch.device) -> dict:
-    """torch.autocast's arguments for --amp."""
-    return dict(device_type=device.type, dtype=torch.float16 if amp == 'fp16' else torch.bfloat16, enabled=amp != 'off')
+    """torch.autocast's arguments for --amp, called `autocast` wherever they are passed on."""
+    return dict(device_type=device.type, dtype=amp_dtype(amp), enabled=amp != 'off')
+
+
+def grad_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler:
+    """The gradient scaler of --amp: fp16's narrow range loses small gradients unless the loss is scaled up first;
+    bf16 and fp32 need no scaling, and get a scaler that passes everything through unchanged."""
+    return torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
 
 
 def one_line(error: Exception) -> str:
@@ -140,8 +152,8 @@ def exit_with(error: Exception):
 
 
 @torch.no_grad()
-def evaluate(model, loader, standardise: Standardise, amp: dict) -> dict:
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy under torch.autocast(**amp), of the uint8 batches of
+def evaluate(model, loader, standardise: Standardise, autocast: dict) -> dict:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy under torch.autocast(**autocast), of the uint8 batches of
     `loader`, standardised on the device, summed over all processes under torchrun. The sums stay on the device
     until the end: no batch waits for the host."""
     model.eval()
@@ -150,7 +162,7 @@ def evaluate(model, loader, standardise: Standardise, amp: dict) -> dict:
     for images, labels in loader:
         images = standardise(images)
         labels = labels.to(device, non_blocking=True)
-        with torch.autocast(**amp):
+        with torch.autocast(**autocast):
             logits = model(images)[0].float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
         hits = top5 == labels[:, None]
@@ -191,16 +203,17 @@ def build(args, checkpoint=None):
     """(model, loaded checkpoint or None): the model the checkpoint describes, with the model flags given
     on the command line on top; without a checkpoint, the flags alone on the paper's backbone and size."""
     raw = open_checkpoint(checkpoint) if checkpoint else None
-    cfg = model_config(raw)
+    weights = read_checkpoint(raw) if raw is not None else None  # read once: the classes, then the model's weights
+    classes = num_classes_in(weights.sd) if weights else 1000
+    cfg = model_config(raw, classes)
     if cfg is not None:
         cfg = replace(cfg, **model_fields(args))
     else:  # no checkpoint, or one that describes no model (a timm file): the flags say what to build
-        num_classes = args.num_classes or num_classes_in(read_checkpoint(raw) if raw is not None else {})
         fields = {'img_size': PAPER_SIZE, **model_fields(args)}
-        cfg = backbone_config(args.backbone or PAPER_BACKBONE, num_classes=num_classes, **fields)
+        cfg = backbone_config(args.backbone or PAPER_BACKBONE, num_classes=args.num_classes or classes, **fields)
     model = ViT(cfg)
-    if raw is not None:
-        missing, _ = load_weights(model, raw, verbose=False)
+    if weights is not None:
+        missing, _ = load_weights(model, weights, verbose=False)
         if missing:  # a model flag that contradicts the checkpoint would leave these random
             raise CheckpointError(f'{checkpoint} has no weights for {", ".join(missing[:4])}: drop the model flags '
                                   'that differ from the settings it was trained with')
@@ -238,13 +251,46 @@ def eval_split(args, model, raw):
 def for_inference(model, amp: str, device):
     """The model in eval mode on `device`, cast once to the --amp precision, as a deployed model runs (`cost`):
     with no fp32 master weights to keep, autocast's casting of every weight in every forward is waste."""
-    return model.to(device, {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(amp, torch.float32)).eval()
+    return model.to(device, amp_dtype(amp)).eval()
 
 
 def accuracy(model, dataset, args, device) -> dict:
     """Accuracy as train.py measures it after each epoch: fp32 weights under autocast at --amp, so the two agree."""
     loader = DataLoader(dataset, args.batch_size, num_workers=args.workers, pin_memory=device.type == 'cuda')
     return evaluate(model.to(device), loader, Standardise.of(dataset, device), autocast_args(args.amp, device))
+
+
+def timed(step, batch: int, device, warmup: int = 3, reps: int = 10) -> tuple:
+    """(images/s, seconds of the warm-up) of `step()` on a batch of `batch` images: the median of `reps` timed
+    runs after `warmup` untimed ones, in which torch.compile does its work."""
+    times = []
+    for _ in range(warmup + reps):
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return batch / statistics.median(times[warmup:]), sum(times[:warmup])
+
+
+def inference_step(model, batch: int, device):
+    """One forward of the model alone, on synthetic images in the weights' dtype."""
+    size, dtype = model.cfg.img_size, next(model.parameters()).dtype
+    images = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+    return torch.inference_mode()(lambda: model(images))
+
+
+def training_step(model, net, batch: int, device, amp: str):
+    """One training step of the model alone, on synthetic images and labels: the very function train.py's loop
+    calls (`train.train_step`), with `net` (the compiled model, or the model), AdamW and the scaler of --amp."""
+    from train import train_step  # imported here, not at the top, because train.py imports this file
+    images = torch.randn(batch, 3, model.cfg.img_size, model.cfg.img_size, device=device)
+    labels = torch.randint(model.cfg.num_classes, (batch,), device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    scaler, autocast = grad_scaler(amp, device), autocast_args(amp, device)
+    return lambda: train_step(net, optimizer, scaler, images, labels, autocast)
 
 
 def cost(model, args, device) -> dict:
@@ -259,7 +305,7 @@ def cost(model, args, device) -> dict:
         torch._dynamo.reset()
     net = torch.compile(model) if args.compile else model
     if args.train:
-        step = training_step(model, net, args.batch_size, device, autocast_args(args.amp, device))
+        step = training_step(model, net, args.batch_size, device, args.amp)
     else:
         step = inference_step(net, args.batch_size, device)
     ips, warmup = timed(step, args.batch_size, device)

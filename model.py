@@ -1,5 +1,5 @@
 """CLCA model: a ViT written from scratch, the cross-layer cache (CLC) and the cross-layer aggregation
-head (CLA), and what the model costs: GMACs, tokens per stage, the time of a step.
+head (CLA), and what the model costs: GMACs and tokens per stage (eval.py times it).
 
 Paper: Rios et al., "Cross-Layer Cache Aggregation for Token Reduction in Ultra-Fine-Grained Image
 Recognition", ICASSP 2025 (arXiv 2501.00243). Parameter names follow timm, so a timm checkpoint
@@ -9,8 +9,6 @@ the same reason. The token reduction methods live in reduce.py; this file meets 
 """
 import math
 import re
-import statistics
-import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -328,43 +326,3 @@ def tokens_per_stage(cfg) -> str:
         model(torch.randn(1, 3, cfg.img_size, cfg.img_size, device=device))
     return '~' * varies + '>'.join(map(str, lengths))
 
-
-def timed(step, batch: int, device, warmup: int = 3, reps: int = 10) -> tuple:
-    """(images/s, seconds of the warm-up) of `step()` on a batch of `batch` images: the median of `reps` timed
-    runs after `warmup` untimed ones, in which torch.compile does its work."""
-    times = []
-    for _ in range(warmup + reps):
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return batch / statistics.median(times[warmup:]), sum(times[:warmup])
-
-
-def inference_step(model, batch: int, device):
-    """One forward of the model alone, on synthetic images in the weights' dtype."""
-    size, dtype = model.cfg.img_size, next(model.parameters()).dtype
-    images = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
-    return torch.inference_mode()(lambda: model(images))
-
-
-def training_step(model: ViT, net, batch: int, device, autocast: dict):
-    """One training step of the model alone, as train.py takes it: synthetic images and labels, the forward
-    of `net` (the compiled model, or the model) under torch.autocast(**autocast), backward (through a gradient
-    scaler for fp16) and an AdamW step."""
-    images = torch.randn(batch, 3, model.cfg.img_size, model.cfg.img_size, device=device)
-    labels = torch.randint(model.cfg.num_classes, (batch,), device=device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast['enabled'] and autocast['dtype'] == torch.float16)
-
-    def step():
-        with torch.autocast(**autocast):
-            loss = net(images, labels)[1]
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    return step

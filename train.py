@@ -19,6 +19,7 @@ import math
 import os
 import time
 from argparse import BooleanOptionalAction
+from dataclasses import asdict, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -29,9 +30,9 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from data import AUGMENTATIONS, DATASETS, DatasetError, Standardise, build_dataset
-from eval import (DEVICES, add_model_flags, autocast_args, evaluate, exit_with, model_fields, one_line, pick_device,
-                  runtime_defaults, shm_warning)
-from model import CLCA, PAPER_BACKBONE, PAPER_SIZE, backbone_config, create_model
+from eval import (DEVICES, add_model_flags, autocast_args, evaluate, exit_with, grad_scaler, model_fields, one_line,
+                  pick_device, runtime_defaults, shm_warning)
+from model import CLCA, PAPER_BACKBONE, PAPER_SIZE, ModelConfig, ViT, backbone_config
 from weights import CheckpointError, load_weights, open_checkpoint, pretrained_url, save_checkpoint
 
 # Every default has one home here: the paper's recipe for real data (its model: model.CLCA) ...
@@ -99,8 +100,8 @@ def parse_args(argv=None):
         args.min_lr = args.lr / 10
     if args.warmup_lr is None:
         args.warmup_lr = args.lr / 100
-    try:  # every model flag is checked here, before any data is read
-        backbone_config(args.backbone, **model_fields(args))
+    try:  # the model's settings, built once, here: every model flag is checked before any data is read
+        args.config = backbone_config(args.backbone, **model_fields(args))
     except ValueError as e:
         p.error(str(e))
     for name in ('epochs', 'batch_size'):
@@ -181,6 +182,21 @@ def batches(loader, kept: str):
         raise DatasetError(f'{one_line(e)}; {kept}') from None
 
 
+def train_step(net, optimizer, scaler, images, labels, autocast: dict, clip_grad: float = 0.0) -> tuple:
+    """One step of the recipe, (logits, loss, gradient norm): the forward under torch.autocast(**autocast), the
+    backward through the gradient scaler (a pass-through but for fp16), the gradients clipped to `clip_grad` (0:
+    not clipped, the norm measured all the same), AdamW. eval.py --cost --train times this same function."""
+    with torch.autocast(**autocast):
+        logits, loss = net(images, labels)  # cross-entropy plus any loss the reduction adds
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # the norm is logged (and clipped) on the true gradients, whatever the scale
+    norm = torch.nn.utils.clip_grad_norm_(net.parameters(), clip_grad or math.inf)
+    scaler.step(optimizer)
+    scaler.update()
+    return logits, loss, norm
+
+
 def train(args):
     """Train one model; returns the last epoch's metrics."""
     # 0. the machine. torchrun sets WORLD_SIZE: one code path for 1 or N processes
@@ -202,18 +218,20 @@ def train(args):
             raise CheckpointError(f'{args.resume} was not written by train.py: --resume continues its own runs only')
         # the saved recipe (per-epoch schedule if saved before --schedule), its precision unless --amp is given
         machine = {k: getattr(args, k) for k in MACHINE if getattr(args, k) is not None or k != 'amp'}
-        args = argparse.Namespace(**{'schedule': 'epoch', **ckpt['args'], **machine})
+        args = argparse.Namespace(**{'schedule': 'epoch', **ckpt['args'], **machine},
+                                  config=ModelConfig(**ckpt['config']))
         how = 'given' if how == 'given' else 'saved'
-    runtime_defaults(args, device, backbone_config(args.backbone, **model_fields(args)).embed_dim)
-    amp = autocast_args(args.amp, device)
+    cfg = args.config  # the model's settings; the data completes them with the number of classes
+    runtime_defaults(args, device, cfg.embed_dim)
+    recipe = {k: v for k, v in vars(args).items() if k != 'config'}  # the flags as run: what is saved with the model
+    autocast, scaler = autocast_args(args.amp, device), grad_scaler(args.amp, device)
     torch.manual_seed(args.seed)
 
     # 1. data: ImageNet statistics by default, as the paper's code does for every backbone. Under torchrun each node's
     # first process resizes the images and fetches the weights, then the rest read them (data.resize_once: atomic)
     if distributed and not first_on_node:
         dist.barrier(start_wait)
-    stats = backbone_config(args.backbone) if args.norm == 'backbone' else None
-    mean, std = (stats.mean, stats.std) if stats else (None, None)
+    mean, std = (cfg.mean, cfg.std) if args.norm == 'backbone' else (None, None)
     cache = args.workers if args.cache else None
     train_set, num_classes = build_dataset(args.dataset, 'train', args.img_size, args.data_dir, mean, std, args.aug,
                                            cache)
@@ -230,8 +248,8 @@ def train(args):
     if first_on_node and (warning := shm_warning(args.workers, args.batch_size // world, args.img_size)):
         print(warning)
 
-    # 2. model, optimizer, mixed precision
-    model = create_model(args.backbone, num_classes, **model_fields(args))
+    # 2. model and optimizer
+    model = ViT(replace(cfg, num_classes=num_classes))
     if args.pretrained != 'none' and ckpt is None:
         source = args.pretrained
         if source == 'auto':
@@ -244,7 +262,6 @@ def train(args):
     model.to(device)
     standardise = Standardise.of(train_set, device)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     start = 0
     if ckpt is not None:
         model.load_state_dict(ckpt['model'])
@@ -264,7 +281,7 @@ def train(args):
         if ckpt is not None and log.exists():  # drop what was logged after the checkpoint was written
             lines = [line for line in log.read_text().splitlines() if json.loads(line)['epoch'] <= start]
             log.write_text(''.join(line + '\n' for line in lines))
-        (run_dir / 'config.json').write_text(json.dumps({**vars(args), 'model': vars(model.cfg)}, indent=2) + '\n')
+        (run_dir / 'config.json').write_text(json.dumps({**recipe, 'model': asdict(model.cfg)}, indent=2) + '\n')
         backend = f' ({dist.get_backend()}{", SyncBatchNorm" * (device.type == "cuda")})' if distributed else ''
         print(f'{args.dataset}: {len(train_set)} train / {len(test_set)} test images, {num_classes} classes, '
               f'{train_set.where}; {args.backbone} {args.method} keep {args.keep} clc={args.clc} cla={args.cla} on '
@@ -292,14 +309,7 @@ def train(args):
                 group['lr'] = lr
             images = standardise(images)  # uint8 from the loader, float on the device
             labels = labels.to(device, non_blocking=True)
-            with torch.autocast(**amp):
-                logits, loss = net(images, labels)  # cross-entropy plus any loss the reduction adds
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)  # the norm is logged (and clipped) on the true gradients, whatever the scale
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad or math.inf)
-            scaler.step(optimizer)
-            scaler.update()
+            logits, loss, norm = train_step(net, optimizer, scaler, images, labels, autocast, args.clip_grad)
             finite = torch.isfinite(norm)  # an fp16 step the scaler skips has no norm worth logging
             loss, norm = loss.detach().float(), norm.where(finite, 0)
             sums += torch.stack([loss * len(labels), (logits.argmax(-1) == labels).sum(), norm, finite])
@@ -320,7 +330,7 @@ def train(args):
         if distributed:
             dist.all_reduce(totals)
         elapsed = time.perf_counter() - t0
-        test = evaluate(net, batches(test_loader, kept), standardise, amp)
+        test = evaluate(net, batches(test_loader, kept), standardise, autocast)
         if not math.isfinite(test['test_loss']):  # the weights broke in the last step: keep the last good file
             raise FloatingPointError(f'the test loss became {test["test_loss"]} after epoch {epoch + 1}; {kept}: '
                                      'lower --lr, or set --clip-grad 1.0')
@@ -332,7 +342,7 @@ def train(args):
             with open(run_dir / 'log.jsonl', 'a') as f:
                 f.write(json.dumps(metrics) + '\n')
             save_checkpoint(model, run_dir / 'last.pt', optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                            epoch=epoch + 1, args=vars(args), metrics=metrics)
+                            epoch=epoch + 1, args=recipe, metrics=metrics)
             print(f"epoch {epoch + 1:3d}/{args.epochs}  loss {metrics['train_loss']:.3f}  "
                   f"train {metrics['train_top1']:5.1f}%  test {metrics['top1']:5.1f}% (top-5 {metrics['top5']:5.1f}%)  "
                   f"lr {lr:.1e}  {metrics['images_per_s']:.0f} img/s  {elapsed:.0f} s")

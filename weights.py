@@ -12,6 +12,7 @@ import re
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -112,16 +113,28 @@ def our_names(sd: dict) -> dict:
     return sd
 
 
-def read_checkpoint(source) -> dict:
-    """A flat {name: tensor} under this project's names from anything `open_checkpoint` takes."""
-    return our_names(tensors(open_checkpoint(source)))
+class Weights(NamedTuple):
+    """A checkpoint's tensors, flat and under this project's names, and how its position grid is resampled to
+    another size: timm 0.9, the paper's, resamples OpenCLIP's release without antialiasing, any other file with it."""
+    sd: dict
+    antialias: bool
+
+
+def read_checkpoint(source) -> Weights:
+    """The weights of anything `open_checkpoint` takes, flattened once: a caller that reads the classes from them
+    passes them on to `load_weights`, not the file again."""
+    if isinstance(source, Weights):
+        return source
+    saved = tensors(open_checkpoint(source))
+    return Weights(our_names(saved), antialias='visual.class_embedding' not in saved)
 
 
 def load_weights(model: ViT, source, verbose: bool = True):
-    """Load a checkpoint into `model`: resample pos_embed to its grid, drop a classifier that does not fit, refuse
-    any other mismatch, start CLR from the loaded CLS if the file has none. Returns (missing, unexpected) keys."""
-    saved = tensors(open_checkpoint(source))
-    sd = our_names(saved)
+    """Load a checkpoint (anything `read_checkpoint` takes) into `model`: resample pos_embed to its grid, drop a
+    classifier that does not fit, refuse any other mismatch, start CLR from the loaded CLS if the file has none.
+    Returns (missing, unexpected) keys."""
+    weights = read_checkpoint(source)
+    sd = dict(weights.sd)  # changed below: the caller's copy stays as it was
     own = model.state_dict()
     notes = []
     if 'pos_embed' in sd:
@@ -135,8 +148,7 @@ def load_weights(model: ViT, source, verbose: bool = True):
         mine = own['pos_embed'][:, prefix + model.num_patches:]  # this model's CLR rows
         clr_rows = pos[:, prefix + cells:] if extra == mine.shape[1] else mine.to(pos)
         side = math.isqrt(model.num_patches)
-        # as timm 0.9 (the paper's) resamples: OpenCLIP's grid without antialiasing, every other file's with it
-        grid = resample_grid(pos[:, prefix:prefix + cells], side, antialias='visual.class_embedding' not in saved)
+        grid = resample_grid(pos[:, prefix:prefix + cells], side, antialias=weights.antialias)
         sd['pos_embed'] = torch.cat([pos[:, :prefix], grid, clr_rows], 1)
         if cells != model.num_patches:
             notes.append(f'resampled pos_embed grid {math.isqrt(cells)}x{math.isqrt(cells)} -> {side}x{side}')
@@ -176,9 +188,10 @@ def num_classes_in(sd: dict, default: int = 1000) -> int:
     return classifier.shape[0] if classifier is not None else default
 
 
-def model_config(raw) -> ModelConfig | None:
+def model_config(raw, num_classes: int = 1000) -> ModelConfig | None:
     """The model a loaded checkpoint describes, or None when it describes none (a timm file, a state dict):
-    this project's store their ModelConfig whole; the paper's saved arguments (a Namespace) are translated."""
+    this project's store their ModelConfig whole; the paper's saved arguments (a Namespace) are translated, with
+    `num_classes`, the size of the file's classifier, which those arguments do not record."""
     if not isinstance(raw, dict):
         return None
     if isinstance(raw.get('config'), dict):
@@ -194,7 +207,7 @@ def model_config(raw) -> ModelConfig | None:
         method, backbone = 'none', args['model']
     fields = {ours: args[theirs] for ours, theirs in OFFICIAL_ARGS.items() if args.get(theirs) is not None}
     try:
-        return backbone_config(backbone, method=method, num_classes=num_classes_in(read_checkpoint(raw)), **fields)
+        return backbone_config(backbone, method=method, num_classes=num_classes, **fields)
     except ValueError as e:
         raise CheckpointError(f'the checkpoint describes a model this code cannot build: {e}') from None
 

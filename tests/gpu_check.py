@@ -36,9 +36,9 @@ from torchvision.transforms.functional import to_pil_image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from data import build_dataset
-from eval import autocast_args, runtime_defaults, usable_cores
+from eval import runtime_defaults, timed, training_step, usable_cores
 from leaves import render_leaf
-from model import create_model, gmacs, timed, training_step
+from model import create_model, gmacs
 
 PHASES = ('tests', 'speed', 'loader', 'train')
 CLASSES = 198  # the synthetic data poses as SoyAgeing
@@ -126,7 +126,7 @@ def speed(args, size: dict, out: Path):
         for mode, amp, net in (('bf16 + compile', 'bf16', torch.compile(model)), ('fp16 eager (paper)', 'fp16', model)):
             if device.type == 'cuda':
                 torch.cuda.reset_peak_memory_stats()
-            step = training_step(model, net, size['batch'], device, autocast_args(amp, device))
+            step = training_step(model, net, size['batch'], device, amp)
             rates[mode], warmup = timed(step, size['batch'], device)
             peak = f', peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB' if device.type == 'cuda' else ''
             graphs = torch._dynamo.utils.counters['stats']['unique_graphs']

@@ -71,16 +71,19 @@ def test_cost_times_the_model_in_eval_mode(capsys, monkeypatch):
     assert 'images/s of inference (batch 1' in capsys.readouterr().out
 
 
-def test_cost_times_a_training_step_as_train_py_takes_it(capsys):
+def test_cost_times_the_training_step_train_py_runs(capsys, monkeypatch):
     evaluation.main(['--cost', '--train', '--backbone', 'vit_tiny_patch8_224', '--img-size', '32', '--method', 'evit',
                      '--keep', '0.5', '--clc', '--cla', '--num-classes', '10', '--batch-size', '2', '--amp', 'off'])
     assert re.search(r'[\d.]+ images/s of training \(batch 2, cpu, amp off, compile False, warm-up [\d.]+ s\)',
                      capsys.readouterr().out)
     model = create_model('vit_tiny_patch8_224', 10, img_size=32, method='evit', keep=0.5, clc=True, cla=True).train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cpu = torch.device('cpu')
-    evaluation.training_step(model, model, 4, cpu, evaluation.autocast_args('bf16', cpu))()  # forward, backward, AdamW
+    cpu, calls, run = torch.device('cpu'), [], train.train_step
+    monkeypatch.setattr(train, 'train_step', lambda *a: calls.append(a) or run(*a))
+    evaluation.training_step(model, model, 4, cpu, 'bf16')()  # forward, backward, AdamW
+    assert len(calls) == 1 and calls[0][5] == evaluation.autocast_args('bf16', cpu)  # train.py's step, in bf16
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n != 'clr')
+    assert [evaluation.grad_scaler(amp, cpu).is_enabled() for amp in ('fp16', 'bf16', 'off')] == [True, False, False]
 
 
 def test_model_flags_that_contradict_a_checkpoint_are_refused(tmp_path):

@@ -101,6 +101,19 @@ def test_each_epoch_draws_a_new_order_and_a_resumed_run_draws_the_same_ones(tmp_
     assert drawn == straight  # epoch 1, then epochs 2 and 3 after the resume: the orders of the run that never stopped
 
 
+def test_a_run_builds_its_model_settings_once_and_a_resumed_run_takes_them_from_its_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(leaves.Leaves, 'per_class', {'train': 4, 'test': 1})
+    built, real = [], train.backbone_config
+    monkeypatch.setattr(train, 'backbone_config', lambda *a, **kw: built.append(a) or real(*a, **kw))
+    stop_after_epoch_1(monkeypatch, FAST + ['--epochs', '2', '--batch-size', '4', '--norm', 'backbone',
+                                            '--out', str(tmp_path)])
+    assert len(built) == 1  # the flags' check is the build: the data's statistics and the model read it
+    saved = torch.load(tmp_path / 'last.pt', weights_only=True)  # the flags are saved, the settings beside them
+    assert 'config' not in saved['args'] and saved['config']['mean'] == (0.5, 0.5, 0.5)
+    train.main(['--resume', str(tmp_path / 'last.pt')])
+    assert len(built) == 1 and read_log(tmp_path)[-1]['epoch'] == 2
+
+
 @pytest.mark.long
 def test_resume_continues_the_same_trajectory(tmp_path, monkeypatch):
     monkeypatch.setattr(leaves.Leaves, 'per_class', {'train': 30, 'test': 10})

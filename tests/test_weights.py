@@ -40,7 +40,7 @@ def test_official_containers_and_prefixes_are_unwrapped(tmp_path):
     moco = {'state_dict': {f'module.base_encoder.{k}': v for k, v in sd.items()}
             | {'module.momentum_encoder.cls_token': torch.zeros(1)}, 'epoch': 300}
     torch.save(moco, tmp_path / 'moco.pth.tar')
-    assert read_checkpoint(tmp_path / 'moco.pth.tar').keys() == sd.keys()
+    assert read_checkpoint(tmp_path / 'moco.pth.tar').sd.keys() == sd.keys()
     model = create_model('deit3_small_patch16_224', 1000, img_size=64, embed_dim=48, num_heads=3, depth=2, loc=())
     assert load_weights(model, str(tmp_path / 'moco.pth.tar'), verbose=False) == ([], [])
     torch.testing.assert_close(model.blocks[0].ls1.gamma.detach(), sd['blocks.0.ls1.gamma'])
@@ -136,5 +136,7 @@ def test_an_openclip_grid_is_resampled_to_448_as_the_papers_timm_does():
     smooth = F.interpolate(grid, size=(28, 28), mode='bicubic', antialias=True, align_corners=False)
     assert (smooth.permute(0, 2, 3, 1).reshape(1, 784, 48) - paper).abs().max() > 1e-3  # the test can tell them apart
     timm_file = create_model('vit_tiny_patch16_clip_224', 7, img_size=448, embed_dim=48, num_heads=3, depth=2, loc=(0,))
-    load_weights(timm_file, read_checkpoint(sd), verbose=False)  # the same weights under timm's names
+    load_weights(timm_file, read_checkpoint(sd).sd, verbose=False)  # the same weights under timm's names
     assert torch.equal(timm_file.pos_embed[:, 1:].detach(), smooth.permute(0, 2, 3, 1).reshape(1, 784, 48))
+    load_weights(timm_file, read_checkpoint(sd), verbose=False)  # read once and passed on, as eval.py's build does
+    assert torch.equal(timm_file.pos_embed[:, 1:].detach(), paper)
