@@ -1,14 +1,14 @@
 """Datasets and transforms for the paper's recipe.
 
-- The UFG benchmark's five leaf datasets (Yu et al., ICCV 2021) from disk: as their release unpacks, in the CLCA
-  authors' CSVs, or in class folders; `folder` reads any directory laid out one of these ways. Images may be resized
-  once and kept (`resize_once`).
+- The UFG benchmark's five leaf datasets (Yu et al., ICCV 2021) from disk: as their release unpacks, in the
+  CLCA authors' CSVs, or in class folders; `folder` reads any directory laid out one of these ways. Images may
+  be resized once and kept (`resize_once`).
 - `leaves` and `leaf-species`, the embedded data drawn by leaves.py, by the same `build_dataset`.
 - `python data.py --dataset soyageing --data-dir DIR` checks a download before a long run (`check`).
 """
 import sys
 
-if sys.version_info < (3, 10):  # said in one line here, before the first `str | None` below fails with a traceback
+if sys.version_info < (3, 10):  # said in one line, before the first `str | None` below fails with a traceback
     sys.exit(f'error: this code needs Python 3.10 or newer, not {sys.version.split()[0]}: install a newer Python')
 
 import argparse
@@ -38,8 +38,8 @@ class Release(NamedTuple):
     classes: int
     train: int             # lines of anno/train.txt
     test: int              # lines of anno/test.txt
-    csv_folder: str        # the image folder the CLCA authors' CSVs name (their own copies, for three of them)
-    subsets: tuple = ()    # a release in parts: each part is a folder of this name, all merged with shared labels
+    csv_folder: str        # the image folder the CLCA authors' CSVs name (their own copies, for three)
+    subsets: tuple = ()    # a release in parts: a folder per part, by these names, merged with shared labels
 
 
 # SoyAgeing is released as five subsets (no R2), each with the same 198 cultivars under the same labels
@@ -66,10 +66,11 @@ def resize(img_size: int) -> T.Resize:
 
 
 def transforms(img_size: int, augment, resized: bool = False):
-    """The paper's pipeline up to the model's input, as uint8 (3, S, S): `resize`, then a centre crop (`augment`
-    None: evaluation) or a random crop and flip ('weak', its published command line), then TrivialAugmentWide for
-    'trivial' (a config of its for Cotton and SoyLocal). `resized`: the input is already resized, uint8 (3, S/0.875,
-    S/0.875); the same draws, the same pixels. Normalising is left to `Standardise`, on the model's device."""
+    """The paper's pipeline up to the model's input, as uint8 (3, S, S): `resize`, then a centre crop
+    (`augment` None: evaluation) or a random crop and flip ('weak', its published command line), then
+    TrivialAugmentWide for 'trivial' (a config of its for Cotton and SoyLocal). `resized`: the input is
+    already resized, uint8 (3, S/0.875, S/0.875); the same draws, the same pixels. Normalising is left to
+    `Standardise`, on the model's device."""
     if augment not in (None, *AUGMENTATIONS):
         raise ValueError(f'unknown augmentation {augment!r}: choose one of {", ".join(AUGMENTATIONS)}')
     crop = [T.RandomCrop(img_size), T.RandomHorizontalFlip()] if augment else [T.CenterCrop(img_size)]
@@ -78,11 +79,11 @@ def transforms(img_size: int, augment, resized: bool = False):
 
 
 class Standardise(torch.nn.Module):
-    """uint8 images (B, 3, H, W), as every dataset here gives them, -> the model's float32 input on this module's
-    device: / 255, less the mean, over the std, per channel. ToTensor's and Normalize's arithmetic in their order:
-    the same bits as normalising each image in a loader worker, but the workers, their shared memory and the copy to
-    a GPU carry 1 byte a pixel instead of 4. (255 is a tensor: CUDA divides by a Python number as a product with its
-    reciprocal, one bit off for half the pixel values.)"""
+    """uint8 images (B, 3, H, W), as every dataset here gives them, -> the model's float32 input on this
+    module's device: / 255, less the mean, over the std, per channel. ToTensor's and Normalize's arithmetic in
+    their order: the same bits as normalising each image in a loader worker, but the workers, their shared
+    memory and the copy to a GPU carry 1 byte a pixel instead of 4. (255 is a tensor: CUDA divides by a Python
+    number as a product with its reciprocal, one bit off for half the pixel values.)"""
 
     def __init__(self, mean, std):
         super().__init__()
@@ -131,9 +132,9 @@ class ImageList(Dataset):
 
 
 def resized_file(samples, img_size: int) -> Path:
-    """Where `resize_once` keeps the images of `samples` at `img_size`: a `.resized` folder beside the images, a
-    name that hashes all the pixels depend on: each image's path, size and modification time, the side and PIL's
-    version. A changed image or size gets a new file."""
+    """Where `resize_once` keeps the images of `samples` at `img_size`: a `.resized` folder beside the images,
+    a name that hashes all the pixels depend on: each image's path, size and modification time, the side and
+    PIL's version. A changed image or size gets a new file."""
     side = resize(img_size).size[0]
     folder = Path(os.path.commonpath([p.parent for p, _ in samples])) / '.resized'
     stamps = [(str(p.absolute()), p.stat().st_size, p.stat().st_mtime_ns) for p, _ in samples]  # however typed
@@ -142,21 +143,21 @@ def resized_file(samples, img_size: int) -> Path:
 
 
 def resize_once(samples, img_size: int, workers: int) -> Path:
-    """Decode and `resize` the images of `samples` once into one uint8 file (N, 3, side, side) at `resized_file`,
-    unless it is there already; returns its path."""
+    """Decode and `resize` the images of `samples` once into one uint8 file (N, 3, side, side) at
+    `resized_file`, unless it is there already; returns its path."""
     side = resize(img_size).size[0]
     try:
         path = resized_file(samples, img_size)
         if path.exists():
             return path
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')  # renamed when complete: no half-written file is used
+        tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')  # renamed when complete: never read half-done
         out = torch.from_file(str(tmp), shared=True, size=len(samples) * side * side * 3, dtype=torch.uint8)
     except OSError as e:
         raise DatasetError(f'{e.filename}: {e.strerror}; the images must be readable and a .resized folder beside '
                            'them writable (or train with --no-cache)') from None
     out = out.view(len(samples), 3, side, side)
-    plain = ImageList(samples, 0, T.Compose([resize(img_size), T.PILToTensor()]))  # decoded and resized, as uint8
+    plain = ImageList(samples, 0, T.Compose([resize(img_size), T.PILToTensor()]))  # decoded, resized, uint8
     done = 0
     for images, _ in tqdm(DataLoader(plain, 32, num_workers=workers), desc=f'resizing {len(samples)} images once'):
         out[done:done + len(images)] = images  # (B, 3, side, side)
@@ -167,9 +168,10 @@ def resize_once(samples, img_size: int, workers: int) -> Path:
 
 
 def data_folders(root: Path, depth: int = 3) -> list:
-    """`root` if it holds a dataset in one of the three layouts, else the folders below it that do, down to `depth`
-    levels: a release unpacks inside wrappers (Cotton80/COTTON/, SoyAgeing/SoyAgeing-R1/R1/). Hidden folders, the
-    __MACOSX copies some archives carry and folders this user cannot read (lost+found) are passed over."""
+    """`root` if it holds a dataset in one of the three layouts, else the folders below it that
+    do, down to `depth` levels: a release unpacks inside wrappers (Cotton80/COTTON/,
+    SoyAgeing/SoyAgeing-R1/R1/). Hidden folders, the __MACOSX copies some archives carry and
+    folders this user cannot read (lost+found) are passed over."""
     try:
         if any((root / marker).exists() for marker in ('train_val.csv', 'test.csv', 'anno', 'train', 'test')):
             return [root]
@@ -180,8 +182,9 @@ def data_folders(root: Path, depth: int = 3) -> list:
 
 
 def read_split(folder: Path, split: str, csv_folder: str = 'images'):
-    """(samples, classes seen, layout) of `split` ('train' or 'test') in `folder`, from the first layout present:
-    'csv' (the CLCA authors' train_val.csv / test.csv), 'anno' (the release's anno/<split>.txt), 'folders'."""
+    """(samples, classes seen, layout) of `split` ('train' or 'test') in `folder`, from the
+    first layout present: 'csv' (the CLCA authors' train_val.csv / test.csv), 'anno' (the
+    release's anno/<split>.txt), 'folders'."""
     csv_file, txt = folder / {'train': 'train_val.csv', 'test': 'test.csv'}[split], folder / 'anno' / f'{split}.txt'
     if csv_file.is_file():  # columns class_id (0-based), dir (relative to the image folder)
         with open(csv_file, newline='', encoding='utf-8-sig') as f:
@@ -222,13 +225,13 @@ def read_split(folder: Path, split: str, csv_folder: str = 'images'):
 
 
 def subset_of(path: Path, root: Path) -> str | None:
-    """The SoyAgeing subset folder (R1, R3, ...) that `path` lies in, below `root` or `root` itself; None if none."""
+    """The SoyAgeing subset folder (R1, R3, ...) `path` lies in, below `root` or `root` itself, or None."""
     return next((part for part in path.absolute().relative_to(root.absolute().parent).parts if part in AGEING), None)
 
 
 def dataset_folders(root: Path, name: str, release) -> list:
-    """The folders under `root` that hold dataset `name`: one, or for SoyAgeing one per subset found (each once) of
-    those `name` asks for; anything else beside them is refused, not merged."""
+    """The folders under `root` that hold dataset `name`: one, or for SoyAgeing one per subset found (each
+    once) of those `name` asks for; anything else beside them is refused, not merged."""
     folders = data_folders(root)
     if len(folders) > 1 and not release.subsets:
         raise DatasetError(f'{root} holds {len(folders)} datasets ({", ".join(map(str, folders[:3]))}): pass the one '
@@ -247,9 +250,9 @@ def dataset_folders(root: Path, name: str, release) -> list:
 
 
 def find_samples(name: str, split: str, data_dir=None):
-    """(samples, num_classes, {folder: layout}, root) of `split` of dataset `name` on disk, checked: every label a
-    class, every listed image there. A release in parts (SoyAgeing) merges the parts found, labels as they are. A
-    UFG split that differs from its release is said in one line, and the run goes on."""
+    """(samples, num_classes, {folder: layout}, root) of `split` of dataset `name` on disk, checked: every
+    label a class, every listed image there. A release in parts (SoyAgeing) merges the parts found, labels as
+    they are. A UFG split that differs from its release is said in one line, and the run goes on."""
     release = UFG.get(name, Release(0, 0, 0, 'images'))
     root = Path(data_dir or f'data/{name.partition("-")[0]}')  # soyageing-r1 lives in data/soyageing too
     if not root.is_dir():
@@ -288,7 +291,7 @@ def find_samples(name: str, split: str, data_dir=None):
 
 
 def unlike_release(name: str, split: str, samples, root: Path) -> str | None:
-    """One line on how a UFG split found on disk differs from the benchmark's release, or None if it does not."""
+    """One line on how a UFG split found on disk differs from the benchmark's release; None if it does not."""
     release, classes = UFG[name], len({c for _, c in samples})
     expected = getattr(release, split)
     if (len(samples), classes) == (expected, release.classes):
@@ -314,9 +317,9 @@ def described(read: dict) -> str:
 def build_dataset(name: str, split: str, img_size: int, data_dir=None, mean=None, std=None, augment=None,
                   cache_workers=None):
     """Returns (dataset, num_classes): a dataset of uint8 images and labels, whose `mean` and `std` say how to
-    `Standardise` them, ImageNet's unless given (the reference's choice). `augment` is None or one of AUGMENTATIONS
-    (`transforms`). With `cache_workers` (loader processes) the images are resized once (`resize_once`), except for
-    TrivialAugment, which works on PIL images."""
+    `Standardise` them, ImageNet's unless given (the reference's choice). `augment` is None or one of
+    AUGMENTATIONS (`transforms`). With `cache_workers` (loader processes) the images are resized once
+    (`resize_once`), except for TrivialAugment, which works on PIL images."""
     if name in ('leaves', 'leaf-species'):  # drawn at the resized side already
         tf = transforms(img_size, augment, resized=True)
         ds = Leaves(split, resize(img_size).size[0], tf, task='species' if name == 'leaf-species' else 'cultivar')
@@ -332,8 +335,9 @@ def build_dataset(name: str, split: str, img_size: int, data_dir=None, mean=None
 
 
 def check(name: str, data_dir=None, img_size: int = PAPER_SIZE, sample: int = 20):
-    """Print what a dataset on disk holds, before a long run: the layout read and where, the images per split (and
-    subset), the classes, the sizes of a sample of images, and the disk space `--cache` takes at `img_size`."""
+    """Print what a dataset on disk holds, before a long run: the layout read and where, the
+    images per split (and subset), the classes, the sizes of a sample of images, and the disk
+    space `--cache` takes at `img_size`."""
     splits = {split: find_samples(name, split, data_dir) for split in ('train', 'test')}
     _, num_classes, read, root = splits['train']
     read |= splits['test'][2]
@@ -343,7 +347,7 @@ def check(name: str, data_dir=None, img_size: int = PAPER_SIZE, sample: int = 20
         subsets = Counter(subset_of(p, root) for p, _ in samples)
         per = ' '.join(f'{s} {subsets[s]:,}' for s in AGEING if s in subsets)
         print(f'  {split}: {len(samples):,} images of {len({c for _, c in samples})} classes' + f' ({per})' * bool(per))
-        for path, _ in samples[::max(1, 2 * len(samples) // sample)]:  # spread over the split, sample / 2 of them
+        for path, _ in samples[::max(1, 2 * len(samples) // sample)]:  # sample / 2, spread over the split
             try:
                 with Image.open(path) as img:
                     sizes[f'{img.width}x{img.height} {img.mode}'] += 1

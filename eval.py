@@ -9,7 +9,7 @@ train.py and explain.py share: the model flags, the machine's defaults, `evaluat
 """
 import sys
 
-if sys.version_info < (3, 10):  # said in one line here, before the first `str | None` below fails with a traceback
+if sys.version_info < (3, 10):  # said in one line, before the first `str | None` below fails with a traceback
     sys.exit(f'error: this code needs Python 3.10 or newer, not {sys.version.split()[0]}: install a newer Python')
 
 import argparse
@@ -58,8 +58,8 @@ def model_fields(args) -> dict:
 
 
 def pick_device(name: str) -> torch.device:
-    """--device: 'auto' takes CUDA where torch sees it, else the CPU. Apple's MPS only when asked for: no Mac has run
-    this code, so a Mac trains on its CPU, the path the tests cover, unless told `--device mps`."""
+    """--device: 'auto' takes CUDA where torch sees it, else the CPU. Apple's MPS only when asked for: no Mac
+    has run this code, so a Mac trains on its CPU, the path the tests cover, unless told `--device mps`."""
     if name == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     seen = {'cuda': torch.cuda.is_available(), 'mps': torch.backends.mps.is_available(), 'cpu': True}
@@ -79,12 +79,12 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def runtime_defaults(args, device: torch.device, train_width: int = 0):
-    """Fill, where not given, the flags whose best value depends on the machine (docs/RESULTS.md: why). Precision:
-    bf16 where the hardware has it, but fp32 to train a model narrower than 384 on a CPU (`train_width`), where
-    autocast costs more than it saves; fp16 with loss scaling on older GPUs; else fp32. Compile: on CUDA, but not
-    a method whose token counts vary per image (ATS: `varies_in_length`). Workers: on CUDA the `usable_cores` split over the node's processes, at most
-    MAX_WORKERS each; else 0. The resize cache of training (`--cache`, data.resize_once): on CUDA, where loading
-    must keep up with the model."""
+    """Fill, where not given, the flags whose best value depends on the machine (docs/RESULTS.md: why).
+    Precision: bf16 where the hardware has it, but fp32 to train a model narrower than 384 on a CPU
+    (`train_width`), where autocast costs more than it saves; fp16 with loss scaling on older GPUs; else fp32.
+    Compile: on CUDA, but not a method whose token counts vary per image (ATS: `varies_in_length`). Workers:
+    on CUDA the `usable_cores` split over the node's processes, at most MAX_WORKERS each; else 0. The resize
+    cache of training (`--cache`, data.resize_once): on CUDA, where loading must keep up with the model."""
     cuda = device.type == 'cuda'
     if args.amp is None and native_bf16(device) and not (device.type == 'cpu' and 0 < train_width < 384):
         args.amp = 'bf16'
@@ -103,8 +103,8 @@ MAX_WORKERS = 16  # loader processes per GPU: enough for images resized once; ea
 
 
 def usable_cores() -> int:
-    """The cores this process may use: its CPU affinity and a container's CPU quota (cgroup v2 cpu.max), not the
-    host's count, which os.cpu_count() gives."""
+    """The cores this process may use: its CPU affinity and a container's CPU quota (cgroup v2 cpu.max), not
+    the host's count, which os.cpu_count() gives."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
     try:
         quota, period = Path('/sys/fs/cgroup/cpu.max').read_text().split()
@@ -114,8 +114,9 @@ def usable_cores() -> int:
 
 
 def shm_warning(workers: int, batch: int, img_size: int) -> str | None:
-    """One line when /dev/shm cannot hold the batches the loader workers of this node's processes prefetch (2 each,
-    uint8), else None: Docker gives a container 64 MB, and a worker that runs out of it dies of a bus error."""
+    """One line when /dev/shm cannot hold the batches the loader workers of this node's
+    processes prefetch (2 each, uint8), else None: Docker gives a container 64 MB, and a worker
+    that runs out of it dies of a bus error."""
     need = int(os.environ.get('LOCAL_WORLD_SIZE', 1)) * workers * 2 * batch * 3 * img_size ** 2
     free = shutil.disk_usage('/dev/shm').free if workers and os.path.isdir('/dev/shm') else math.inf
     if free >= need:
@@ -124,7 +125,10 @@ def shm_warning(workers: int, batch: int, img_size: int) -> str | None:
             f'{need / 2**20:.0f} MiB: give the container --shm-size {math.ceil(2 * need / 2**30)}g, or lower --workers')
 
 
-# Precision: `amp` is always the flag's string ('bf16', 'fp16' or 'off'); these three turn it into what torch takes
+# Precision: `amp` is always the flag's string, one of PRECISIONS; these turn it into what torch takes
+PRECISIONS = ('bf16', 'fp16', 'off')
+
+
 def amp_dtype(amp: str) -> torch.dtype:
     """The dtype an --amp precision computes in ('off': fp32)."""
     return {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(amp, torch.float32)
@@ -136,13 +140,13 @@ def autocast_args(amp: str, device: torch.device) -> dict:
 
 
 def grad_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler:
-    """The gradient scaler of --amp: fp16's narrow range loses small gradients unless the loss is scaled up first;
-    bf16 and fp32 need no scaling, and get a scaler that passes everything through unchanged."""
+    """The gradient scaler of --amp: fp16's narrow range loses small gradients unless the loss is scaled up
+    first; bf16 and fp32 need no scaling, and get a scaler that passes everything through unchanged."""
     return torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
 
 
 def one_line(error: Exception) -> str:
-    """The message of `error`; a DataLoader worker wraps it in its traceback: the last line, without the class."""
+    """The message of `error`: of the traceback a DataLoader worker wraps it in, the last line, less the class."""
     return re.sub(r'^[\w.]+Error: ', '', str(error).strip().splitlines()[-1])
 
 
@@ -153,12 +157,12 @@ def exit_with(error: Exception):
 
 @torch.no_grad()
 def evaluate(model, loader, standardise: Standardise, autocast: dict) -> dict:
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy under torch.autocast(**autocast), of the uint8 batches of
-    `loader`, standardised on the device, summed over all processes under torchrun. The sums stay on the device
-    until the end: no batch waits for the host."""
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy under torch.autocast(**autocast), of the uint8
+    batches of `loader`, standardised on the device, summed over all processes under torchrun. The sums stay
+    on the device until the end: no batch waits for the host."""
     model.eval()
     device = standardise.mean.device
-    totals, count = torch.zeros(3, device=device), 0  # correct@1, correct@5, loss sum; float32 counts exact to 2^24
+    totals, count = torch.zeros(3, device=device), 0  # correct@1, correct@5, loss sum; counts exact to 2^24
     for images, labels in loader:
         images = standardise(images)
         labels = labels.to(device, non_blocking=True)
@@ -189,10 +193,10 @@ def parse_args(argv=None):
     a('--methods', nargs='+', choices=('none', *METHODS), default=['none', 'evit', 'topk'])
     a('--keeps', type=float, nargs='+', default=[0.1, 0.25, 0.5, 0.7])
     a('--checkpoints', nargs='+', help='sweep over checkpoints (evaluated) or run folders (their logged top-1)')
-    add_model_flags(p)  # they describe the model when no checkpoint does, and override a checkpoint's settings
+    add_model_flags(p)  # they describe the model where no checkpoint does, and override its settings
     a('--num-classes', type=int)
     a('--batch-size', type=int, help='default 32 on CUDA, 4 on CPU')
-    a('--amp', choices=('bf16', 'fp16', 'off'), help='precision (default: what the hardware runs fast)')
+    a('--amp', choices=PRECISIONS, help='precision (default: what the hardware runs fast)')
     a('--compile', action='store_true', help='time the torch.compile-d model')
     a('--workers', type=int, help='data loading processes (default: CUDA, the usable cores; else 0)')
     a('--device', choices=DEVICES, default='auto', help='auto: CUDA, else the CPU; mps only when asked (untried)')
@@ -203,8 +207,8 @@ def build(args, checkpoint=None):
     """(model, loaded checkpoint or None): the model the checkpoint describes, with the model flags given
     on the command line on top; without a checkpoint, the flags alone on the paper's backbone and size."""
     raw = open_checkpoint(checkpoint) if checkpoint else None
-    weights = read_checkpoint(raw) if raw is not None else None  # read once: the classes, then the model's weights
-    classes = num_classes_in(weights.sd) if weights else 1000
+    weights = read_checkpoint(raw) if raw is not None else None  # read once: the classes, then the weights
+    classes = num_classes_in(weights.sd) if weights is not None else 1000
     cfg = model_config(raw, classes)
     if cfg is not None:
         cfg = replace(cfg, **model_fields(args))
@@ -221,7 +225,7 @@ def build(args, checkpoint=None):
 
 
 def recorded_run(folder):
-    """(model, saved record, top-1) of a finished train.py run, from config.json and its log's last line alone."""
+    """(model, saved record, top-1) of a finished train.py run, from config.json and its log's last line."""
     try:
         saved = json.loads((Path(folder) / 'config.json').read_text())
         last = json.loads((Path(folder) / 'log.jsonl').read_text().splitlines()[-1])
@@ -249,13 +253,14 @@ def eval_split(args, model, raw):
 
 
 def for_inference(model, amp: str, device):
-    """The model in eval mode on `device`, cast once to the --amp precision, as a deployed model runs (`cost`):
-    with no fp32 master weights to keep, autocast's casting of every weight in every forward is waste."""
+    """The model in eval mode on `device`, cast once to the --amp precision, as a deployed
+    model runs (`cost`): with no fp32 master weights to keep, autocast's casting of every
+    weight in every forward is waste."""
     return model.to(device, amp_dtype(amp)).eval()
 
 
 def accuracy(model, dataset, args, device) -> dict:
-    """Accuracy as train.py measures it after each epoch: fp32 weights under autocast at --amp, so the two agree."""
+    """Accuracy as train.py measures it after an epoch (fp32 weights, autocast at --amp): the two agree."""
     loader = DataLoader(dataset, args.batch_size, num_workers=args.workers, pin_memory=device.type == 'cuda')
     return evaluate(model.to(device), loader, Standardise.of(dataset, device), autocast_args(args.amp, device))
 
@@ -283,8 +288,9 @@ def inference_step(model, batch: int, device):
 
 
 def training_step(model, net, batch: int, device, amp: str):
-    """One training step of the model alone, on synthetic images and labels: the very function train.py's loop
-    calls (`train.train_step`), with `net` (the compiled model, or the model), AdamW and the scaler of --amp."""
+    """One training step of the model alone, on synthetic images and labels: the very function
+    train.py's loop calls (`train.train_step`), with `net` (the compiled model, or the model),
+    AdamW and the scaler of --amp."""
     from train import train_step  # imported here, not at the top, because train.py imports this file
     images = torch.randn(batch, 3, model.cfg.img_size, model.cfg.img_size, device=device)
     labels = torch.randint(model.cfg.num_classes, (batch,), device=device)
@@ -301,7 +307,7 @@ def cost(model, args, device) -> dict:
     model = model.to(device).train() if args.train else for_inference(model, args.amp, device)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
-    if args.compile:  # dynamo keys its cache by code: after 8 models of one class, it would run the rest eager
+    if args.compile:  # dynamo caches by code: after 8 models of one class, it would run the rest eager
         torch._dynamo.reset()
     net = torch.compile(model) if args.compile else model
     if args.train:
@@ -329,9 +335,9 @@ def run_key(cfg, raw) -> str:
 
 
 def sweep(args, device):
-    """Print one markdown table: a row per method x keep x CLCA, or per run of --checkpoints, where checkpoints
-    that differ only in their seed (or the machine) share a row: top-1 as mean ± sample std over them, and their
-    count. plot.py draws such a table."""
+    """Print one markdown table: a row per method x keep x CLCA, or per run of --checkpoints, where
+    checkpoints that differ only in their seed (or the machine) share a row: top-1 as mean ± sample std over
+    them, and their count. plot.py draws such a table."""
     groups = {}  # run key -> (the model of its first checkpoint, top-1 of each checkpoint)
     if args.checkpoints and model_fields(args) and any(Path(c).is_dir() for c in args.checkpoints):
         raise ValueError('a run folder reports the model it trained: drop the model flags, or pass last.pt files')

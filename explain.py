@@ -11,7 +11,7 @@ finds it, from a checkpoint or from the model flags alone (random weights, --see
 """
 import sys
 
-if sys.version_info < (3, 10):  # said in one line here, before the first `str | None` below fails with a traceback
+if sys.version_info < (3, 10):  # said in one line, before the first `str | None` below fails with a traceback
     sys.exit(f'error: this code needs Python 3.10 or newer, not {sys.version.split()[0]}: install a newer Python')
 
 import argparse
@@ -48,18 +48,18 @@ def parse_args(argv=None):
     what.add_argument('--trace', type=int, metavar='I', help='print what the sequence of image I holds, block by block')
     what.add_argument('--visualize', metavar='PNG', help='write a grid of the patches that survive each reduction')
     what.add_argument('--factors', action='store_true', help="leaves: how often each half of the class is right")
-    add_model_flags(p)  # they describe the model when no checkpoint does, and override a checkpoint's settings
+    add_model_flags(p)  # they describe the model where no checkpoint does, and override its settings
     a('--num-classes', type=int)
     a('--seed', type=int, default=0, help='the random weights of a model built without a checkpoint')
     a('--device', choices=DEVICES, default='auto', help='auto: CUDA, else the CPU; mps only when asked (untried)')
     args = p.parse_args(argv)
-    if args.visualize and tuple(map(int, PIL.__version__.split('.')[:2])) < (10, 1):  # load_default(size=) is 10.1's
+    if args.visualize and tuple(map(int, PIL.__version__.split('.')[:2])) < (10, 1):  # load_default(size=): 10.1
         p.error(f'--visualize needs Pillow 10.1 or newer, not {PIL.__version__}: pip install -r requirements.txt')
     return args
 
 
 def run_with_hooks(model, images, hooks):
-    """Run `model` on `images` in eval mode without gradients, then remove `hooks` (the caller's recorders)."""
+    """Run `model` on `images` in eval mode without gradients, then remove `hooks`: the caller's recorders."""
     try:
         with torch.no_grad():
             return model.eval()(images)
@@ -69,8 +69,9 @@ def run_with_hooks(model, images, hooks):
 
 
 def evidence(dataset, i: int, img_size: int, patch: int) -> torch.Tensor:
-    """(P,) bool, patches in row-major order: where the class evidence of image i of the leaves lies after the
-    test transform (the centre crop to `img_size`), the patches that hold at least a fifth of one of its spots."""
+    """(P,) bool, patches in row-major order: where the class evidence of image i of the leaves
+    lies after the test transform (the centre crop to `img_size`), the patches that hold at
+    least a fifth of one of its spots."""
     cover = T.functional.center_crop(dataset.render(i)[1][None], [img_size])[0]  # (S, S) in [0, 1]
     side = img_size // patch
     cells = cover[:side * patch, :side * patch].reshape(side, patch, side, patch).sum((1, 3))  # (side, side)
@@ -78,8 +79,8 @@ def evidence(dataset, i: int, img_size: int, patch: int) -> torch.Tensor:
 
 
 def alive_patches(model, images) -> list:
-    """Run `model` on `images` (B, 3, S, S); per reduction location, (B, P) bool: the patches that still
-    have a token of their own (a made token, idx -1, belongs to no patch; ToMe's merged token to its B partner)."""
+    """Run `model` on `images` (B, 3, S, S); per reduction location, (B, P) bool: the patches that still have
+    a token of their own (a made token, idx -1, belongs to no patch; ToMe's merged token to its B partner)."""
     kept = []
     run_with_hooks(model, images, [model.blocks[i].register_forward_hook(lambda m, a, out: kept.append(out.idx.cpu()))
                                    for i in model.cfg.loc])
@@ -171,7 +172,7 @@ def visualize(model, dataset, path, device, num_images=6, scale=4):
         rows = [r * (1 - edge) + cyan * edge for r in rows]
     grid = make_grid(torch.stack(rows, 1).flatten(0, 1), nrow=len(rows), padding=2, pad_value=1.0)  # image-major
     page = to_pil_image(grid.mul(255).add(0.5).clamp(0, 255).to(torch.uint8))  # rounded as save_image rounds
-    headed = Image.new('RGB', (page.width, page.height + HEADING), 'white')  # a line of column headings on top
+    headed = Image.new('RGB', (page.width, page.height + HEADING), 'white')  # column headings on top
     headed.paste(page, (0, HEADING))
     draw, font = ImageDraw.Draw(headed), ImageFont.load_default(size=14)
     for c, title in enumerate(['input'] + [f'after block {i}' for i in model.cfg.loc]):
@@ -180,10 +181,10 @@ def visualize(model, dataset, path, device, num_images=6, scale=4):
 
 
 def trace(model, image) -> list:
-    """The Cross-Layer Cache, token by token: run one image (1, 3, S, S) and return, per block, what its sequence
-    holds on the way in: (block, {kind: count}, [alive patches as (row, col)], what happens in the block).
-    Kinds: CLS, patch, CLR (the carriers), cache (entries recovered from the cross-layer cache), and the
-    tokens a reduction makes (EViT's fused token, ToMe's merged tokens, pooled clusters)."""
+    """The Cross-Layer Cache, token by token: run one image (1, 3, S, S) and return, per block, what its
+    sequence holds on the way in: (block, {kind: count}, [alive patches as (row, col)], what happens in the
+    block). Kinds: CLS, patch, CLR (the carriers), cache (entries recovered from the cross-layer cache), and
+    the tokens a reduction makes (EViT's fused token, ToMe's merged tokens, pooled clusters)."""
     side = model.cfg.img_size // model.cfg.patch_size
     kinds = ['CLS'] + ['patch'] * model.num_patches + ['CLR'] * model.num_clr  # one per token, in order
     rows = []

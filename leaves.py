@@ -1,10 +1,10 @@
 """The embedded dataset: leaves drawn on the fly, so that the demo, the tests and a lab need no download.
 
-- `leaves`: 10 leaf "cultivars", each a leaf length and a spot colour: a class lives in the whole outline and in a
-  handful of patches, a small stand-in for cultivars told apart by a leaf's shape and its fine details.
+- `leaves`: 10 leaf "cultivars", each a leaf length and a spot colour: a class lives in the whole outline and
+  in a handful of patches, a small stand-in for cultivars told apart by a leaf's shape and its fine details.
 - `leaf-species`: the same leaves labelled by outline alone; pre-training on it stands in for ImageNet.
-The generator knows which pixels carry the class (`render_leaf`'s evidence), which lets explain.py measure how
-much of it each token reduction keeps. data.py's `build_dataset` serves both by name, like the datasets on disk.
+The generator knows which pixels carry the class (`render_leaf`'s evidence): explain.py measures how much
+of it each token reduction keeps. data.py's `build_dataset` serves both by name, like the datasets on disk.
 """
 import math
 import zlib
@@ -20,10 +20,10 @@ PALETTE = torch.tensor([[0.98, 0.86, 0.15], [0.85, 0.12, 0.10], [0.97, 0.97, 0.9
 class Leaves(Dataset):
     """Drawn leaves in a random pose, shade and background, with 1-3 small coloured spots (12 % of the image
     wide) and 0-2 dark blight specks as distractors. Image i of a split depends on (seed, task, split, i) only.
-    - 'cultivar' (`leaves`): a class is the leaf's length (5) and its spots' colour (yellow or red), width and the
-      spots' half (stalk or tip) random: a class lives in the whole outline and in the few patches of its marks.
+    - 'cultivar' (`leaves`): a class is the leaf's length (5) and its spots' colour (yellow or red); the width
+      and the spots' half (stalk or tip) are random: the class lives in the outline and a few spotted patches.
     - 'species' (`leaf-species`): a class is the outline (5 lengths x 2 widths); the spots are random.
-    `factors` splits a label in two; length index k is a leaf 0.5 + 0.1 k long (half its extent in [-1, 1])."""
+    `factors` splits a label in two; length index k: a leaf 0.5 + 0.1 k long (half its extent in [-1, 1])."""
 
     per_class = {'train': 400, 'test': 300}  # images per class and split
     where = 'drawn on the fly by leaves.py'  # what train.py says it reads

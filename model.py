@@ -73,8 +73,8 @@ class ModelConfig:
 
 
 SIZES = {'tiny': (192, 12, 3), 'small': (384, 12, 6), 'base': (768, 12, 12), 'large': (1024, 24, 16)}
-# The paper's model: the backbone of its published training command, at 448 px, and CLCA, which turns on over
-# ModelConfig's plain ViT: EViT keeping 10 % at its default locations, the cache (one CLR carrier) and the head
+# The paper's model: the backbone of its published training command at 448 px, and CLCA, turned on over
+# ModelConfig's plain ViT: EViT keeping 10 % at its default locations, the cache (one CLR carrier), the head
 PAPER_BACKBONE, PAPER_SIZE = 'vit_base_patch16_clip_224.laion2b', 448
 CLCA = dict(method='evit', keep=(0.1,), clc=True, cla=True)
 
@@ -104,9 +104,10 @@ def backbone_config(name: str, **overrides) -> ModelConfig:
 
 
 def resample_grid(pos: torch.Tensor, side: int, antialias: bool = True) -> torch.Tensor:
-    """Position embeddings of a g x g patch grid on a side x side one, (1, g*g, D) -> (1, side*side, D), by
-    bicubic resampling: how a checkpoint trained at 224 px runs at 448 (weights.load_weights). `antialias` picks
-    the kernel even when upsampling (PIL's cubic, a = -0.5, on; a = -0.75 off), so the two differ at 14 -> 28."""
+    """Position embeddings of a g x g patch grid on a side x side one, by bicubic resampling,
+    (1, g*g, D) -> (1, side*side, D): how a checkpoint trained at 224 px runs at 448 (weights.load_weights).
+    `antialias` picks the kernel even when upsampling (PIL's cubic, a = -0.5, on; a = -0.75 off), so the two
+    differ at 14 -> 28."""
     g, D = math.isqrt(pos.shape[1]), pos.shape[2]
     if g == side:
         return pos
@@ -204,7 +205,7 @@ class ViT(nn.Module):
         self.stage = {i: s for s, i in enumerate(cfg.loc)} if len(self.reducers) else {}
         # Cross-Layer Cache: recover after every reduction, and once more at depth - 2
         self.recovery = sorted(set(cfg.loc) | ({cfg.depth - 2} if cfg.clc_last else set()))
-        # Cross-Layer Aggregation head: the CLS after each location and after the last block, g = len(loc) + 1 vectors
+        # Cross-Layer Aggregation head: the CLS after each location and the last block: g = len(loc) + 1
         self.cla_layers = sorted(set(cfg.loc) | {cfg.depth - 1})
         if cfg.cla:  # nested exactly as in the paper's code, so that its checkpoints load as a key copy
             g, wide = len(self.cla_layers), cfg.cla_filters * D

@@ -8,7 +8,7 @@ writes an SVG by hand, so no plotting library is needed.
 """
 import sys
 
-if sys.version_info < (3, 10):  # said in one line here, before the first `str | None` below fails with a traceback
+if sys.version_info < (3, 10):  # said in one line, before the first `str | None` below fails with a traceback
     sys.exit(f'error: this code needs Python 3.10 or newer, not {sys.version.split()[0]}: install a newer Python')
 
 import argparse
@@ -17,7 +17,7 @@ import math
 import re
 from pathlib import Path
 
-COLUMNS = ('method', 'keep', 'CLC', 'CLA', 'GMACs', 'top-1', 'seeds')  # of eval.py's sweep table; others ignored
+COLUMNS = ('method', 'keep', 'CLC', 'CLA', 'GMACs', 'top-1', 'seeds')  # eval.py's sweep table; others ignored
 
 
 def read_table(path) -> list:
@@ -58,13 +58,13 @@ def plot(rows, path):
     """Top-1 against GMACs as an SVG, drawn like the paper's figure: a colour per method, a marker per CLC/CLA
     setting (hollow: neither), a line joining the keep rates of each method and setting, the keep rate beside
     each point where it overlaps nothing, error bars of one standard deviation."""
-    W, H, L, T, B, R = 680, 440, 60, 40, 50, 150  # canvas; left, top, bottom and right (legend) margins, in pixels
+    W, H, L, T, B, R = 680, 440, 60, 40, 50, 150  # canvas; left, top, bottom, right (legend) margins, pixels
     xs = nice_ticks(min(r['gmacs'] for r in rows), max(r['gmacs'] for r in rows))
     ys = nice_ticks(min(r['mean'] - r['std'] for r in rows), max(r['mean'] + r['std'] for r in rows))
     px = lambda x: L + (x - xs[0]) / (xs[-1] - xs[0]) * (W - L - R)
     py = lambda y: H - B - (y - ys[0]) / (ys[-1] - ys[0]) * (H - B - T)
     palette = '#444 #1f77b4 #17becf #ff7f0e #d62728 #2ca02c #9467bd #8c564b #e377c2'.split()
-    colours = dict(zip(dict.fromkeys(r['method'] for r in rows), itertools.cycle(palette)))  # in order of appearance
+    colours = dict(zip(dict.fromkeys(r['method'] for r in rows), itertools.cycle(palette)))  # as they appear
     square = [(-5, -5), (5, -5), (5, 5), (-5, 5)]
     shapes = {(False, False): ('base', square), (True, True): ('CLCA', square),
               (True, False): ('CLC only', [(0, -6), (6, 5), (-6, 5)]),

@@ -11,10 +11,11 @@ all N tokens, the MLP runs only on the survivors (EViT, Top-K, ToMe, ATS). A red
 `before_block = True` runs on the block's input and receives `qkv = None` (PatchMerger, SiT,
 DPC-KNN, DynamicViT).
 
-A method is a `Reducer` subclass registered in `METHODS`; the rest of the code reads its traits (class
-attributes, see `Reducer`), never its name. A method that changes more of the ViT than the token count does it
-through the tokens, never through model.py: ToMe's proportional attention and ATS's padding through `Tokens.attn_bias`,
-DynamicViT's gated attention through `DecidedTokens.attend`, its ratio loss through `Tokens.loss`.
+A method is a `Reducer` subclass registered in `METHODS`; the rest of the code reads its traits
+(class attributes, see `Reducer`), never its name. A method that changes more of the ViT than
+the token count does it through the tokens, never through model.py: ToMe's proportional
+attention and ATS's padding through `Tokens.attn_bias`, DynamicViT's gated attention through
+`DecidedTokens.attend`, its ratio loss through `Tokens.loss`.
 
 The CLS token is always position 0 and is never removed. The keep rule differs per method in the
 reference code; each reducer's docstring says which one it follows and why.
@@ -39,11 +40,11 @@ class Tokens:
     idx: torch.Tensor  # (B, N) position in the input sequence: 0 = CLS, 1..P = patches, -1 = made here
                        # (a CLR carrier, a fused, pooled or recovered token, ATS's padding)
     size: Optional[torch.Tensor] = None   # (B, N, 1) input tokens merged into each token (ToMe), else None
-    protected: int = 0  # length of the suffix of appended tokens (CLR carriers, tokens recovered from the cache,
-                        # EViT's fused token) that DPC-KNN leaves alone
+    protected: int = 0  # length of the suffix of appended tokens (CLR carriers, tokens recovered from the
+                        # cache, EViT's fused token) that DPC-KNN leaves alone
     valid: Optional[torch.Tensor] = None  # (B, N) bool, False on ATS's padding, else None
-    loss: torch.Tensor | float = 0.0      # training loss the reductions add to the cross-entropy (DynamicViT's)
-    source: Optional[torch.Tensor] = None  # (B, N, 1 + P) bool, input tokens each token holds, if traced (explain.py)
+    loss: torch.Tensor | float = 0.0      # training loss reductions add to the cross-entropy (DynamicViT's)
+    source: Optional[torch.Tensor] = None  # (B, N, 1 + P) bool: the inputs each token holds, if traced
 
     def select(self, index: torch.Tensor) -> 'Tokens':
         """Keep the tokens at `index` (B, K), in that order. The result has no protected suffix: a
@@ -56,8 +57,8 @@ class Tokens:
         return replace(self, x=x, idx=self.idx.gather(1, index), size=size, valid=valid, protected=0, source=source)
 
     def append(self, extra: torch.Tensor, source: Optional[torch.Tensor] = None) -> 'Tokens':
-        """Append made tokens `extra` (B, M, D) at the end, into the protected suffix; each one is a
-        single token (size 1) and never padding, and holds the input tokens `source` (B, M, 1 + P), else none."""
+        """Append made tokens `extra` (B, M, D) at the end, into the protected suffix; each one is a single
+        token (size 1) and never padding, and holds the input tokens `source` (B, M, 1 + P), else none."""
         B, M, _ = extra.shape
         source = None if self.source is None else torch.cat(  # (B, N + M, 1 + P)
             [self.source, self.source.new_zeros(B, M, self.source.shape[-1]) if source is None else source], 1)
@@ -82,7 +83,7 @@ class Tokens:
     def mean(self, start: int, end: int) -> torch.Tensor:
         """Mean of the tokens at positions start..end-1, padding left out: (B, 1, D)."""
         x = self.x[:, start:end]
-        if x.shape[1] == 0:  # the reference's mean of no tokens is NaN, which then spreads to the logits: 0 here
+        if x.shape[1] == 0:  # the reference's mean of no tokens is NaN, which spreads to the logits: 0 here
             return self.x.new_zeros(x.shape[0], 1, x.shape[2])
         if self.valid is None:
             return x.mean(1, keepdim=True)
@@ -219,7 +220,7 @@ class ToMe(Reducer):
         self.r = r
 
     @classmethod
-    def stages(cls, cfg, keeps, schedule):  # a fixed number merged per stage, whatever CLC added (the reference's)
+    def stages(cls, cfg, keeps, schedule):  # a fixed count merged per stage, whatever CLC adds
         return [cls(before - after) for before, after in zip(schedule, schedule[1:])]
 
     def forward(self, t: Tokens, qkv) -> Tokens:
@@ -397,7 +398,7 @@ class DPCKNN(Pooling):
         self.score = nn.Linear(dim, 1)
 
     @classmethod
-    def stages(cls, cfg, keeps, schedule):  # the reference's floors: 5 clusters before the last stage, 1 at it
+    def stages(cls, cfg, keeps, schedule):  # the reference's floors: 5 clusters, but 1 at the last stage
         floors = [5] * (len(keeps) - 1) + [1]
         return [cls(cfg.embed_dim, max(k, floor)) for k, floor in zip(schedule[1:], floors)]
 
@@ -428,7 +429,7 @@ class DecidedTokens(Tokens):
     - `attend` in training (`gated`): a token attends only to kept tokens and to itself.
     """
     decision: Optional[torch.Tensor] = None
-    later: float = 1.0    # decision of tokens appended later (recovered cache entries): the reference counts them
+    later: float = 1.0    # decision of tokens recovered from the cache later: the reference counts them
                           # as kept in training and as dropped in the pooling of its eval-time predictor
     gated: bool = False   # training: nothing is removed, attention is masked instead
 
@@ -484,7 +485,7 @@ class DynamicViT(Reducer):
                                       nn.Linear(dim // 4, 2), nn.LogSoftmax(dim=-1))
 
     @classmethod
-    def stages(cls, cfg, keeps, schedule):  # training targets keep^(s+1); eval counts as the reference (above)
+    def stages(cls, cfg, keeps, schedule):  # training aims at keep^(s+1); eval counts as the reference does
         return [cls(cfg.embed_dim, math.prod(keeps[:s + 1]), schedule[0], keeps[0] if cfg.clc else None,
                     2.0 / len(keeps)) for s in range(len(keeps))]
 
@@ -512,8 +513,8 @@ class DynamicViT(Reducer):
         return t.select(torch.cat([top.new_zeros(B, 1), top + 1], 1))
 
 
-# Every method, by the name --method takes. A method added here (a Reducer subclass) is built, trained, compiled,
-# traced and plotted with no other change; 'none' is the plain ViT.
+# Every method, by the name --method takes. A method added here (a Reducer subclass) is built, trained,
+# compiled, traced and plotted with no other change; 'none' is the plain ViT.
 METHODS = {'evit': EViT, 'topk': TopK, 'tome': ToMe, 'ats': ATS, 'patchmerger': PatchMerger, 'sit': SiT,
            'dpcknn': DPCKNN, 'dynamicvit': DynamicViT}
 

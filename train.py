@@ -9,7 +9,7 @@ Not here: building, evaluating and running a model on a machine (eval.py, which 
 """
 import sys
 
-if sys.version_info < (3, 10):  # said in one line here, before the first `str | None` below fails with a traceback
+if sys.version_info < (3, 10):  # said in one line, before the first `str | None` below fails with a traceback
     sys.exit(f'error: this code needs Python 3.10 or newer, not {sys.version.split()[0]}: install a newer Python')
 
 import argparse
@@ -30,15 +30,16 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from data import AUGMENTATIONS, DATASETS, DatasetError, Standardise, build_dataset
-from eval import (DEVICES, add_model_flags, autocast_args, evaluate, exit_with, grad_scaler, model_fields, one_line,
-                  pick_device, runtime_defaults, shm_warning)
+from eval import (DEVICES, PRECISIONS, add_model_flags, autocast_args, evaluate, exit_with, grad_scaler,
+                  model_fields, one_line, pick_device, runtime_defaults, shm_warning)
 from model import CLCA, PAPER_BACKBONE, PAPER_SIZE, ModelConfig, ViT, backbone_config
 from weights import CheckpointError, load_weights, open_checkpoint, pretrained_url, save_checkpoint
 
 # Every default has one home here: the paper's recipe for real data (its model: model.CLCA) ...
 PAPER = dict(backbone=PAPER_BACKBONE, img_size=PAPER_SIZE, pretrained='auto', epochs=50, warmup_epochs=2,
              cooldown_epochs=5, batch_size=32, lr=1e-4, schedule='epoch')
-# ... and the demo's: it fine-tunes a ViT pre-trained on leaf-species (made once) at the paper's lr, stepped smoothly
+# ... and the demo's: it fine-tunes a ViT pre-trained on leaf-species (made once) at the
+# paper's lr, stepped smoothly
 LEAVES = dict(backbone='vit_tiny_patch8_224', img_size=48, pretrained='auto', epochs=8, warmup_epochs=1,
               cooldown_epochs=1, batch_size=32, lr=1e-4, schedule='step')
 SPECIES = dict(LEAVES, pretrained='none', epochs=5, lr=1e-3, method='none', clc=False, cla=False)
@@ -72,7 +73,7 @@ def parse_args(argv=None):
     a('--warmup-lr', type=float, help='warm-up start (default lr / 100)')
     a('--weight-decay', type=float, help='on weights with 2 or more dims only (default 0.05)')
     a('--clip-grad', type=float, help='max gradient norm (default 0: off)')
-    a('--amp', choices=('bf16', 'fp16', 'off'), help='mixed precision (default: what the hardware runs fast)')
+    a('--amp', choices=PRECISIONS, help='mixed precision (default: what the hardware runs fast)')
     a('--compile', action=BooleanOptionalAction, help='torch.compile (default on for CUDA, except ATS)')
     a('--workers', type=int, help='loading processes per process (default: CUDA, usable cores per process; else 0)')
     a('--cache', action=BooleanOptionalAction, help='resize every image once and keep it on disk beside the '
@@ -111,8 +112,9 @@ def parse_args(argv=None):
     if args.batch_size % world or (args.cla and args.batch_size // world < 2):
         p.error(f'--batch-size {args.batch_size} must split evenly over {world} processes, at least 2 images '
                 'each (the CLA head uses BatchNorm)')
-    for name in ('cooldown_epochs', 'warmup_epochs'):  # a short run shrinks the default phases, cool-down first,
-        excess = args.warmup_epochs + args.cooldown_epochs - (args.epochs - 1)  # to leave a cosine epoch
+    # a short run shrinks the default phases, cool-down first, to leave one epoch of the cosine
+    for name in ('cooldown_epochs', 'warmup_epochs'):
+        excess = args.warmup_epochs + args.cooldown_epochs - (args.epochs - 1)
         if excess > 0 and name not in phases_given:
             setattr(args, name, max(0, getattr(args, name) - excess))
             print(f'--epochs {args.epochs}: {args.warmup_epochs} warm-up and {args.cooldown_epochs} cool-down epochs')
@@ -148,18 +150,20 @@ def out_dir(args) -> Path:
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """The seed of one epoch on one process, a function of (seed, epoch, rank) only: a resumed run draws what the
-    uninterrupted one drew, and each rank its own crops, flips and noise (rank 0 those of a single process)."""
+    """The seed of one epoch on one process, a function of (seed, epoch, rank) only: a resumed
+    run draws what the uninterrupted one drew, and each rank its own crops, flips and noise
+    (rank 0 those of a single process)."""
     return seed + epoch + 1_000_003 * rank
 
 
 def demo_backbone(args) -> Path:
-    """Where `--pretrained auto` finds the demo's backbone: a plain ViT trained on leaf-species, its ImageNet."""
+    """Where `--pretrained auto` finds the demo's backbone: a plain ViT trained on
+    leaf-species, its ImageNet."""
     return Path('runs', f'leaf-species-{args.backbone}-{args.img_size}px', 'last.pt')
 
 
 def make_demo_backbone(args):
-    """Pre-train the demo's backbone on first use (or finish it, if that run was stopped); then it is reused."""
+    """Pre-train the demo's backbone on first use (or finish it, if that run was stopped), then reuse it."""
     path = demo_backbone(args)
     saved = open_checkpoint(path) if path.exists() else None
     if saved is not None and saved['epoch'] == saved['args']['epochs']:
@@ -174,8 +178,8 @@ def make_demo_backbone(args):
 
 
 def batches(loader, kept: str):
-    """The batches of `loader`; an image that cannot be read (a truncated file) stops the run with its name and what
-    `kept` says: the last checkpoint, written whole before the epoch began, is left as it was."""
+    """The batches of `loader`; an image that cannot be read (a truncated file) stops the run with its name
+    and what `kept` says: the last checkpoint, written whole before the epoch began, is left as it was."""
     try:
         yield from loader
     except DatasetError as e:  # from a loader worker, the message ends with the worker's last traceback line
@@ -183,9 +187,10 @@ def batches(loader, kept: str):
 
 
 def train_step(net, optimizer, scaler, images, labels, autocast: dict, clip_grad: float = 0.0) -> tuple:
-    """One step of the recipe, (logits, loss, gradient norm): the forward under torch.autocast(**autocast), the
-    backward through the gradient scaler (a pass-through but for fp16), the gradients clipped to `clip_grad` (0:
-    not clipped, the norm measured all the same), AdamW. eval.py --cost --train times this same function."""
+    """One step of the recipe, (logits, loss, gradient norm): the forward under
+    torch.autocast(**autocast), the backward through the gradient scaler (a pass-through but
+    for fp16), the gradients clipped to `clip_grad` (0: not clipped, the norm measured all the
+    same), AdamW. eval.py --cost --train times this same function."""
     with torch.autocast(**autocast):
         logits, loss = net(images, labels)  # cross-entropy plus any loss the reduction adds
     optimizer.zero_grad(set_to_none=True)
@@ -198,13 +203,14 @@ def train_step(net, optimizer, scaler, images, labels, autocast: dict, clip_grad
 
 
 def train(args):
-    """Train one model; returns the last epoch's metrics."""
+    """Train one model from `parse_args`' result (the flags and `config`, the model's settings built from them);
+    returns the last epoch's metrics."""
     # 0. the machine. torchrun sets WORLD_SIZE: one code path for 1 or N processes
     distributed = 'WORLD_SIZE' in os.environ
     device = pick_device(args.device)
     if distributed:  # the start waits, for up to an hour, while each node resizes the images (SoyGene: 24k)
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-        start_wait = dist.new_group(backend='gloo', timeout=timedelta(minutes=60))  # the others keep their timeout
+        start_wait = dist.new_group(backend='gloo', timeout=timedelta(minutes=60))  # other groups keep theirs
         if device.type == 'cuda':
             device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
             torch.cuda.set_device(device)
@@ -223,12 +229,13 @@ def train(args):
         how = 'given' if how == 'given' else 'saved'
     cfg = args.config  # the model's settings; the data completes them with the number of classes
     runtime_defaults(args, device, cfg.embed_dim)
-    recipe = {k: v for k, v in vars(args).items() if k != 'config'}  # the flags as run: what is saved with the model
+    recipe = {k: v for k, v in vars(args).items() if k != 'config'}  # the flags as run, saved with the model
     autocast, scaler = autocast_args(args.amp, device), grad_scaler(args.amp, device)
     torch.manual_seed(args.seed)
 
-    # 1. data: ImageNet statistics by default, as the paper's code does for every backbone. Under torchrun each node's
-    # first process resizes the images and fetches the weights, then the rest read them (data.resize_once: atomic)
+    # 1. data: ImageNet statistics by default, as the paper's code does for every backbone.
+    # Under torchrun each node's first process resizes the images and fetches the weights, then
+    # the rest read them (data.resize_once: atomic)
     if distributed and not first_on_node:
         dist.barrier(start_wait)
     mean, std = (cfg.mean, cfg.std) if args.norm == 'backbone' else (None, None)
@@ -266,12 +273,12 @@ def train(args):
     if ckpt is not None:
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
-        if ckpt['scaler']:  # empty where the run was saved without fp16: a scaler switched on by --amp starts anew
+        if ckpt['scaler']:  # empty if saved without fp16: a scaler switched on by --amp starts anew
             scaler.load_state_dict(ckpt['scaler'])
         start = ckpt['epoch']
     net = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None) if distributed else model
-    if args.compile:  # after DDP, as PyTorch documents: the graph splits at DDP's buckets, whose all-reduce then
-        net = torch.compile(net)  # overlaps the backward
+    if args.compile:  # after DDP, as PyTorch documents: the graph splits at DDP's buckets,
+        net = torch.compile(net)  # so that their all-reduce overlaps the backward
 
     # 3. the run's folder, written by rank 0 only
     run_dir = Path(args.resume).parent if args.resume else out_dir(args)
@@ -295,10 +302,10 @@ def train(args):
         loader_gen.manual_seed(epoch_seed(args.seed, epoch, rank))
         sampler.set_epoch(epoch)
         net.train()
-        # running sums on the device, read by the host every SYNC_EVERY steps only, so that a GPU runs ahead (fp16's
-        # gradient scaler still reads its overflow flag at every step)
+        # running sums on the device, read by the host every SYNC_EVERY steps only, so that a GPU runs ahead
+        # (fp16's gradient scaler still reads its overflow flag at every step)
         sums = torch.zeros(4, device=device)  # loss x images, correct, sum and count of finite gradient norms
-        norm_max, broken = torch.zeros((), device=device), torch.zeros((), device=device)  # broken: a non-finite loss
+        norm_max, broken = torch.zeros((), device=device), torch.zeros((), device=device)  # broken: NaN, inf
         seen, t0 = 0, time.perf_counter()
         kept = f'the last good checkpoint is {run_dir / "last.pt"}' if epoch else 'no checkpoint was written'
         bar = tqdm(batches(train_loader, kept), desc=f'epoch {epoch + 1}/{args.epochs}', total=len(train_loader),

@@ -1,8 +1,9 @@
-"""Every checkpoint this project reads or writes. It reads timm's pretrained files, OpenCLIP's, the official DeiT,
-DeiT-3, MAE, DINO and MoCo v3 containers, the paper's training checkpoints (arkel23/CLCA) and this project's own,
-`.safetensors` too when the optional safetensors package is installed; it never unpickles more than tensors,
-containers and argparse.Namespace (the paper's saved arguments). It writes this project's checkpoints, atomically,
-as plain dicts that store the model's ModelConfig. Not here: the architecture (model.py), a run's state (train.py).
+"""Every checkpoint this project reads or writes. It reads timm's pretrained files, OpenCLIP's, the official
+DeiT, DeiT-3, MAE, DINO and MoCo v3 containers, the paper's training checkpoints (arkel23/CLCA) and this
+project's own, `.safetensors` too when the optional safetensors package is installed; it never unpickles more
+than tensors, containers and argparse.Namespace (the paper's saved arguments). It writes this project's
+checkpoints, atomically, as plain dicts that store the model's ModelConfig. Not here: the architecture
+(model.py), a run's state (train.py).
 """
 import argparse
 import math
@@ -24,13 +25,13 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unsafe to unpickle, or does not fit the model."""
 
 
-# where timm 0.9.12, the paper's version, reads the weights of a tag that are not timm's copy (`from_open_clip`)
+# where timm 0.9.12, the paper's, reads the weights of a tag that are not timm's own copy (`from_open_clip`)
 ELSEWHERE = {'vit_base_patch16_clip_224.laion2b':
              'https://huggingface.co/laion/CLIP-ViT-B-16-laion2B-s34B-b88K/resolve/main/open_clip_pytorch_model.bin'}
 
 
 def pretrained_url(backbone: str) -> str:
-    """Where the weights of a tagged name (deit_base_patch16_224.fb_in1k) live: timm's copy, or ELSEWHERE's."""
+    """Where the weights of a tagged name (deit_base_patch16_224.fb_in1k) live: timm's, or ELSEWHERE's."""
     if '.' not in backbone:
         raise CheckpointError(f'{backbone} has no pretrained tag: name one (e.g. {backbone}.augreg_in21k), '
                               'pass a file with --pretrained, or train from scratch with --pretrained none')
@@ -94,8 +95,8 @@ def open_checkpoint(source):
 
 
 def tensors(raw) -> dict:
-    """The {name: tensor} of a loaded checkpoint, names as saved: containers ('model', 'state_dict', 'module') and
-    'module.' prefixes unwrapped."""
+    """The {name: tensor} of a loaded checkpoint, names as saved: containers ('model', 'state_dict', 'module')
+    and 'module.' prefixes unwrapped."""
     for key in ('model', 'state_dict', 'module'):
         if isinstance(raw.get(key), dict):
             raw = raw[key]
@@ -103,8 +104,8 @@ def tensors(raw) -> dict:
 
 
 def our_names(sd: dict) -> dict:
-    """`tensors` under this project's names: OpenCLIP's converted, MoCo's 'base_encoder.' unwrapped, and the paper's
-    names of a reduction's learned parts (cluster_layers, score_predictor) made `reducers`."""
+    """`tensors` under this project's names: OpenCLIP's converted, MoCo's 'base_encoder.' unwrapped, and the
+    paper's names of a reduction's learned parts (cluster_layers, score_predictor) made `reducers`."""
     if 'visual.class_embedding' in sd:  # OpenCLIP's release (the paper's CLIP weights)
         sd = from_open_clip(sd)
     sd = {re.sub(r'^(cluster_layers|score_predictor)\.', 'reducers.', k): v for k, v in sd.items()}
@@ -114,15 +115,16 @@ def our_names(sd: dict) -> dict:
 
 
 class Weights(NamedTuple):
-    """A checkpoint's tensors, flat and under this project's names, and how its position grid is resampled to
-    another size: timm 0.9, the paper's, resamples OpenCLIP's release without antialiasing, any other file with it."""
+    """A checkpoint's tensors, flat and under this project's names, and how its position grid
+    is resampled to another size: timm 0.9, the paper's, resamples OpenCLIP's release without
+    antialiasing, any other file with it."""
     sd: dict
     antialias: bool
 
 
 def read_checkpoint(source) -> Weights:
-    """The weights of anything `open_checkpoint` takes, flattened once: a caller that reads the classes from them
-    passes them on to `load_weights`, not the file again."""
+    """The weights of anything `open_checkpoint` takes, flattened once: a caller that reads the classes from
+    them passes them on to `load_weights`, not the file again."""
     if isinstance(source, Weights):
         return source
     saved = tensors(open_checkpoint(source))
@@ -130,9 +132,9 @@ def read_checkpoint(source) -> Weights:
 
 
 def load_weights(model: ViT, source, verbose: bool = True):
-    """Load a checkpoint (anything `read_checkpoint` takes) into `model`: resample pos_embed to its grid, drop a
-    classifier that does not fit, refuse any other mismatch, start CLR from the loaded CLS if the file has none.
-    Returns (missing, unexpected) keys."""
+    """Load a checkpoint (anything `read_checkpoint` takes) into `model`: resample pos_embed to its grid, drop
+    a classifier that does not fit, refuse any other mismatch, start CLR from the loaded CLS if the file has
+    none. Returns (missing, unexpected) keys."""
     weights = read_checkpoint(source)
     sd = dict(weights.sd)  # changed below: the caller's copy stays as it was
     own = model.state_dict()
@@ -188,10 +190,11 @@ def num_classes_in(sd: dict, default: int = 1000) -> int:
     return classifier.shape[0] if classifier is not None else default
 
 
-def model_config(raw, num_classes: int = 1000) -> ModelConfig | None:
+def model_config(raw, num_classes: int | None = None) -> ModelConfig | None:
     """The model a loaded checkpoint describes, or None when it describes none (a timm file, a state dict):
-    this project's store their ModelConfig whole; the paper's saved arguments (a Namespace) are translated, with
-    `num_classes`, the size of the file's classifier, which those arguments do not record."""
+    this project's store their ModelConfig whole; the paper's saved arguments (a Namespace) are translated,
+    with the size of the file's classifier, which those arguments do not record: `num_classes` where the caller
+    has read it already, else read here."""
     if not isinstance(raw, dict):
         return None
     if isinstance(raw.get('config'), dict):
@@ -207,7 +210,8 @@ def model_config(raw, num_classes: int = 1000) -> ModelConfig | None:
         method, backbone = 'none', args['model']
     fields = {ours: args[theirs] for ours, theirs in OFFICIAL_ARGS.items() if args.get(theirs) is not None}
     try:
-        return backbone_config(backbone, method=method, num_classes=num_classes, **fields)
+        classes = num_classes if num_classes is not None else num_classes_in(read_checkpoint(raw).sd)
+        return backbone_config(backbone, method=method, num_classes=classes, **fields)
     except ValueError as e:
         raise CheckpointError(f'the checkpoint describes a model this code cannot build: {e}') from None
 

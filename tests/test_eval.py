@@ -14,8 +14,8 @@ import plot
 import train
 from conftest import official_checkpoint
 from data import Standardise, build_dataset
-from model import create_model, gmacs
-from weights import load_weights
+from model import ViT, create_model, gmacs
+from weights import load_weights, model_config, open_checkpoint
 
 pytestmark = pytest.mark.usefixtures('small_leaves')
 
@@ -84,6 +84,13 @@ def test_cost_times_the_training_step_train_py_runs(capsys, monkeypatch):
     assert len(calls) == 1 and calls[0][5] == evaluation.autocast_args('bf16', cpu)  # train.py's step, in bf16
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n != 'clr')
     assert [evaluation.grad_scaler(amp, cpu).is_enabled() for amp in ('fp16', 'bf16', 'off')] == [True, False, False]
+
+
+def test_a_papers_checkpoint_describes_its_model_as_the_readme_reads_it(tmp_path):
+    official_checkpoint(tmp_path / 'clca.pth')  # its saved arguments do not say the class count: the classifier does
+    checkpoint = open_checkpoint(tmp_path / 'clca.pth')
+    model = ViT(model_config(checkpoint))  # README's "Predict one image", with no class count given
+    assert model.cfg.num_classes == 10 and load_weights(model, checkpoint, verbose=False) == ([], [])
 
 
 def test_model_flags_that_contradict_a_checkpoint_are_refused(tmp_path):
