@@ -32,8 +32,8 @@ from tqdm import tqdm
 from data import AUGMENTATIONS, DATASETS, DatasetError, Standardise, build_dataset
 from eval import (DEVICES, PRECISIONS, add_model_flags, autocast_args, evaluate, exit_with, grad_scaler,
                   model_fields, one_line, pick_device, runtime_defaults, shm_warning)
-from model import CLCA, PAPER_BACKBONE, PAPER_SIZE, ModelConfig, ViT, backbone_config
-from weights import CheckpointError, load_weights, open_checkpoint, pretrained_url, save_checkpoint
+from model import CLCA, PAPER_BACKBONE, PAPER_SIZE, ViT, backbone_config
+from weights import CheckpointError, load_weights, model_config, open_checkpoint, pretrained_url, save_checkpoint
 
 # Every default has one home here: the paper's recipe for real data (its model: model.CLCA) ...
 PAPER = dict(backbone=PAPER_BACKBONE, img_size=PAPER_SIZE, pretrained='auto', epochs=50, warmup_epochs=2,
@@ -225,7 +225,7 @@ def train(args):
         # the saved recipe (per-epoch schedule if saved before --schedule), its precision unless --amp is given
         machine = {k: getattr(args, k) for k in MACHINE if getattr(args, k) is not None or k != 'amp'}
         args = argparse.Namespace(**{'schedule': 'epoch', **ckpt['args'], **machine},
-                                  config=ModelConfig(**ckpt['config']))
+                                  config=model_config(ckpt))
         how = 'given' if how == 'given' else 'saved'
     cfg = args.config  # the model's settings; the data completes them with the number of classes
     runtime_defaults(args, device, cfg.embed_dim)

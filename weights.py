@@ -198,7 +198,11 @@ def model_config(raw, num_classes: int | None = None) -> ModelConfig | None:
     if not isinstance(raw, dict):
         return None
     if isinstance(raw.get('config'), dict):
-        return ModelConfig(**raw['config'])
+        try:
+            return ModelConfig(**raw['config'])
+        except TypeError as e:  # a setting this version of ModelConfig does not have
+            raise CheckpointError(f'the checkpoint describes a model this code cannot build ({e}): was it written '
+                                  'by another version of this project?') from None
     if not isinstance(raw.get('args'), argparse.Namespace):
         return None
     args = vars(raw['args'])

@@ -221,6 +221,9 @@ def test_resuming_a_missing_corrupt_or_foreign_checkpoint_is_one_clear_error(tmp
     torch.save({'model': {}}, tmp_path / 'timm.pt')
     with pytest.raises(SystemExit, match='was not written by train.py'):
         train.main(['--resume', str(tmp_path / 'timm.pt')])
+    torch.save({'model': {}, 'args': {}, 'config': {'num_blocks': 12}}, tmp_path / 'other.pt')  # a setting we lack
+    with pytest.raises(SystemExit, match=r"cannot build \(.*'num_blocks'\): was it written by another version"):
+        train.main(['--resume', str(tmp_path / 'other.pt')])
 
 
 def test_a_short_run_shrinks_the_default_warm_up_and_cool_down_but_refuses_given_ones(capsys):
