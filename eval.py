@@ -253,9 +253,8 @@ def eval_split(args, model, raw):
 
 
 def for_inference(model, amp: str, device):
-    """The model in eval mode on `device`, cast once to the --amp precision, as a deployed
-    model runs (`cost`): with no fp32 master weights to keep, autocast's casting of every
-    weight in every forward is waste."""
+    """The model in eval mode on `device`, cast once to --amp's dtype, as a deployed model runs (`cost`): with
+    no fp32 master weights to keep, autocast's casting of every weight in every forward is waste."""
     return model.to(device, amp_dtype(amp)).eval()
 
 

@@ -187,10 +187,9 @@ def batches(loader, kept: str):
 
 
 def train_step(net, optimizer, scaler, images, labels, autocast: dict, clip_grad: float = 0.0) -> tuple:
-    """One step of the recipe, (logits, loss, gradient norm): the forward under
-    torch.autocast(**autocast), the backward through the gradient scaler (a pass-through but
-    for fp16), the gradients clipped to `clip_grad` (0: not clipped, the norm measured all the
-    same), AdamW. eval.py --cost --train times this same function."""
+    """One step of the recipe, returning (logits, loss, gradient norm): the forward under autocast, the
+    backward through the gradient scaler (a no-op but in fp16), the gradients clipped to `clip_grad` (0:
+    not clipped, the norm measured all the same), AdamW. eval.py --cost --train times this very function."""
     with torch.autocast(**autocast):
         logits, loss = net(images, labels)  # cross-entropy plus any loss the reduction adds
     optimizer.zero_grad(set_to_none=True)
