@@ -287,9 +287,8 @@ def inference_step(model, batch: int, device):
 
 
 def training_step(model, net, batch: int, device, amp: str):
-    """One training step of the model alone, on synthetic images and labels: the very function
-    train.py's loop calls (`train.train_step`), with `net` (the compiled model, or the model),
-    AdamW and the scaler of --amp."""
+    """One training step of the model alone on synthetic images and labels: the very function train.py's loop
+    calls (`train.train_step`), with `net` (the compiled model or the model), AdamW and --amp's scaler."""
     from train import train_step  # imported here, not at the top, because train.py imports this file
     images = torch.randn(batch, 3, model.cfg.img_size, model.cfg.img_size, device=device)
     labels = torch.randint(model.cfg.num_classes, (batch,), device=device)
