@@ -208,7 +208,7 @@ def build(args, checkpoint=None):
     on the command line on top; without a checkpoint, the flags alone on the paper's backbone and size."""
     raw = open_checkpoint(checkpoint) if checkpoint else None
     weights = read_checkpoint(raw) if raw is not None else None  # read once: the classes, then the weights
-    classes = num_classes_in(weights.sd) if weights is not None else 1000
+    classes = num_classes_in(weights.sd if weights is not None else {})
     cfg = model_config(raw, classes)
     if cfg is not None:
         cfg = replace(cfg, **model_fields(args))

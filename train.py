@@ -38,8 +38,7 @@ from weights import CheckpointError, load_weights, model_config, open_checkpoint
 # Every default has one home here: the paper's recipe for real data (its model: model.CLCA) ...
 PAPER = dict(backbone=PAPER_BACKBONE, img_size=PAPER_SIZE, pretrained='auto', epochs=50, warmup_epochs=2,
              cooldown_epochs=5, batch_size=32, lr=1e-4, schedule='epoch')
-# ... and the demo's: it fine-tunes a ViT pre-trained on leaf-species (made once) at the
-# paper's lr, stepped smoothly
+# ... and the demo's: a leaf-species ViT (made once) fine-tuned at the paper's lr, stepped smoothly
 LEAVES = dict(backbone='vit_tiny_patch8_224', img_size=48, pretrained='auto', epochs=8, warmup_epochs=1,
               cooldown_epochs=1, batch_size=32, lr=1e-4, schedule='step')
 SPECIES = dict(LEAVES, pretrained='none', epochs=5, lr=1e-3, method='none', clc=False, cla=False)
